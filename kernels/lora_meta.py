@@ -1,0 +1,112 @@
+"""One description of a step's LoRA segments, built once and read by every LoRA layer.
+
+Tokens arrive in batch order; requests for the same adapter slot are grouped into
+segments so each segment runs one matmul against its own adapter:
+
+    # slots per token [2, 2, -1, 0, 0, 0] -> sorted LoRA tokens [3, 4, 5, 0, 1]
+    #   -> segments [0, 3, 5], slot per segment [0, 2]   (slot -1 tokens cost nothing)
+
+The CPU path also needs a padded "rows" layout for one batched matmul: every segment is
+cut into rows of `row_len` tokens, so `x[pad_idx].view(num_rows, row_len, in)` holds the
+segments side by side and `row_slots[i]` names the adapter of row i.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LoRAMeta:
+    num_tokens: int
+    token_slots: torch.Tensor      # [T] int32: adapter slot of each token, -1 = none
+    sorted_token_idx: torch.Tensor  # [T_lora] int64: LoRA tokens ordered by slot
+    seg_starts: torch.Tensor       # [S+1] int32: segment i = sorted_token_idx[s[i]:s[i+1]]
+    seg_slots: torch.Tensor        # [S] int32: slot of segment i (never -1)
+    slot_ranks: torch.Tensor       # [max_loras] int32: rank of the adapter in each slot
+    max_rank: int                  # largest rank among this step's slots: compute is sized to it
+    # padded rows layout (CPU path)
+    row_len: int
+    row_slots: list[int]           # row_slots[i]: slot of row i
+    row_slots_t: torch.Tensor      # the same as an int64 tensor
+    pad_idx: torch.Tensor          # [num_rows * row_len] int64: token index per cell (pads -> 0)
+    pad_mask: torch.Tensor | None  # [num_rows, row_len, 1]: 0 on pad cells; None when no pads
+    max_loras: int
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.seg_slots)
+
+    @property
+    def has_lora(self) -> bool:
+        return len(self.row_slots) > 0
+
+    @property
+    def rows_are_all_slots(self) -> bool:
+        """Rows map one-to-one onto every slot buffer: no weight gather needed."""
+        return self.row_slots == list(range(self.max_loras))
+
+
+def build_lora_meta(
+    token_slots: list[int],
+    slot_ranks: list[int],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LoRAMeta:
+    """Group a step's tokens by adapter slot (pure Python: the batch is at most a few
+    hundred requests, and Python ints avoid a dozen tiny tensor ops per step)."""
+    max_loras = len(slot_ranks)
+    by_slot: dict[int, list[int]] = {}
+    for t, s in enumerate(token_slots):
+        if s >= 0:
+            by_slot.setdefault(s, []).append(t)
+    slots = sorted(by_slot)
+    seg_starts, order = [0], []
+    for s in slots:
+        order.extend(by_slot[s])
+        seg_starts.append(len(order))
+    row_len, row_slots, pad_idx, has_pad = _rows(by_slot, slots)
+    num_rows = len(row_slots)
+    pad_mask = None
+    if has_pad:
+        mask = [1.0 if i >= 0 else 0.0 for i in pad_idx]
+        pad_mask = torch.tensor(mask, dtype=dtype, device=device).view(num_rows, row_len, 1)
+    i64 = dict(dtype=torch.int64, device=device)
+    i32 = dict(dtype=torch.int32, device=device)
+    return LoRAMeta(
+        num_tokens=len(token_slots),
+        token_slots=torch.tensor(token_slots, **i32),
+        sorted_token_idx=torch.tensor(order, **i64),
+        seg_starts=torch.tensor(seg_starts, **i32),
+        seg_slots=torch.tensor(slots, **i32),
+        slot_ranks=torch.tensor(slot_ranks, **i32),
+        max_rank=max((slot_ranks[s] for s in slots), default=0),
+        row_len=row_len,
+        row_slots=row_slots,
+        row_slots_t=torch.tensor(row_slots, **i64),
+        pad_idx=torch.tensor([max(i, 0) for i in pad_idx], **i64),
+        pad_mask=pad_mask,
+        max_loras=max_loras,
+    )
+
+
+def _rows(by_slot: dict[int, list[int]], slots: list[int]):
+    """Cut segments into rows of equal length. The row length is the mean segment length
+    (at least 1), so one long prefill segment becomes several rows instead of padding
+    every short decode segment up to its length."""
+    if not slots:
+        return 1, [], [], False
+    lengths = [len(by_slot[s]) for s in slots]
+    row_len = max(lengths) if max(lengths) <= 2 * min(lengths) else math.ceil(sum(lengths) / len(lengths))
+    row_slots, pad_idx = [], []
+    for s in slots:
+        toks = by_slot[s]
+        for start in range(0, len(toks), row_len):
+            chunk = toks[start : start + row_len]
+            row_slots.append(s)
+            pad_idx.extend(chunk + [-1] * (row_len - len(chunk)))
+    has_pad = any(i < 0 for i in pad_idx)
+    return row_len, row_slots, pad_idx, has_pad
