@@ -1,0 +1,45 @@
+"""The one configuration object, passed down from the CLI or LLM() to every part."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None           # HF dir, .gguf file, hub id; None = embedded SmolLM2
+    dtype: str = "auto"                 # auto = bfloat16 (AMX on CPU, tensor cores on GPU)
+    device: str = "auto"                # auto = cuda when available, else cpu
+    seed: int = 0
+    max_model_len: int | None = None    # None = min(model's context, 4096)
+    block_size: int = 16                # tokens per KV block
+    kv_cache_memory: int = 1 << 30      # bytes for the KV block pool
+    num_kv_blocks: int | None = None    # overrides kv_cache_memory (tests force preemption)
+    max_num_seqs: int = 256             # requests in one step
+    max_num_batched_tokens: int = 2048  # tokens in one step; longer prompts are chunked
+    enable_prefix_caching: bool = True
+    max_loras: int = 8                  # adapter slots on the device
+    max_lora_rank: int = 16             # slot buffers are sized to this rank
+    max_cpu_loras: int | None = None    # CPU cache of loaded adapters; None = 4 * max_loras
+    adapter_dir: str | None = None      # durable adapter store root; None = user cache dir
+    cache_dir: str | None = None        # converted-model cache; None = user cache dir
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        checks = {
+            "block_size": self.block_size, "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "max_loras": self.max_loras, "max_lora_rank": self.max_lora_rank,
+        }
+        for name, value in checks.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = 4 * self.max_loras
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")

@@ -1,0 +1,237 @@
+"""The engine loop: schedule, make adapters resident, run, sample, update.
+
+Synchronous and single-threaded; AsyncEngine runs it on its own thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from loraserve.adapters import AdapterNotFound, BaseModelSpec, LoRAAdapter, load_peft_dir
+
+from .adapter_slots import AdapterSlots
+from .block_manager import BlockManager
+from .config import EngineConfig
+from .detokenizer import IncrementalDetokenizer
+from .model.loader import load_config, load_tokenizer, resolve_model
+from .model.runner import ModelRunner, StepInput
+from .outputs import RequestOutput, TokenLogprob
+from .sampler import Sample, SampleRequest, Sampler
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RequestState:
+    """Engine-side state of one request, beside the scheduler's Sequence."""
+    output: RequestOutput
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        source = resolve_model(config.model, config.cache_dir)
+        self.model_id = source.model_id
+        self.hf_config = load_config(source.local_dir)
+        self.tokenizer = load_tokenizer(source.local_dir)
+        context = getattr(self.hf_config, "max_position_embeddings", 4096)
+        wanted = config.max_model_len or min(context, 4096)
+        if wanted > context:
+            raise ValueError(f"max_model_len {wanted} exceeds the model's context of {context} tokens")
+        self.runner = ModelRunner(config, self.hf_config, source.local_dir, wanted)
+        # one request must always fit the KV pool, or preemption could never make room
+        self.max_model_len = min(wanted, self.runner.num_blocks * config.block_size)
+        self.spec = BaseModelSpec.from_hf_config(self.hf_config, config.max_lora_rank, self.model_id)
+        self.adapter_keys: dict[str, str] = {}          # adapter name -> key of its current weights
+        self.adapter_weights: dict[str, LoRAAdapter] = {}
+        self.slots = AdapterSlots(config.max_loras, self.runner.write_slot, self.adapter_weights.get)
+        self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, self.slots, config.max_num_seqs, config.max_num_batched_tokens)
+        self.sampler = Sampler(config.seed)
+        self.requests: dict[str, Sequence] = {}
+        self.eos_token_ids = _eos_ids(self.tokenizer, self.hf_config)
+        self._ids = itertools.count()
+        log.info("model %s: %d KV blocks of %d tokens, %d adapter slots of rank %d, %s on %s",
+                 self.model_id, self.runner.num_blocks, config.block_size, config.max_loras,
+                 config.max_lora_rank, self.runner.dtype, self.runner.device)
+
+    # -- adapters ------------------------------------------------------------------------
+    def add_adapter(self, name: str, path: str) -> str:
+        """Load a PEFT directory under a name. New weights under an existing name get a
+        new key: running requests finish on the old weights, and no prefix-cache block
+        computed with them is reused."""
+        adapter = load_peft_dir(path, self.spec)
+        key = f"{name}@{adapter.sha256[:16]}"
+        old = self.adapter_keys.get(name)
+        self.adapter_weights[key] = adapter
+        self.adapter_keys[name] = key
+        if old is not None and old != key:
+            self._retire(old)
+        return key
+
+    def remove_adapter(self, name: str) -> None:
+        if name not in self.adapter_keys:
+            raise AdapterNotFound(f"adapter {name!r} is not loaded")
+        self._retire(self.adapter_keys.pop(name))
+
+    def _retire(self, key: str) -> None:
+        """Free old weights once no live request (running or waiting) uses them."""
+        if not any(s.adapter_key == key for s in self.requests.values()):
+            self.slots.drop(key)
+            self.adapter_weights.pop(key, None)
+
+    def resolve_adapter(self, name: str | None) -> str | None:
+        if name is None:
+            return None
+        key = self.adapter_keys.get(name)
+        if key is None:
+            known = ", ".join(sorted(self.adapter_keys)) or "none"
+            raise AdapterNotFound(f"adapter {name!r} is not loaded (loaded: {known}); add it first")
+        return key
+
+    # -- requests ------------------------------------------------------------------------
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if not all(isinstance(t, int) and 0 <= t < self.hf_config.vocab_size for t in prompt):
+            raise ValueError(f"prompt token ids must be integers in [0, {self.hf_config.vocab_size})")
+        return list(prompt)
+
+    def check_request(self, prompt: str | list[int], params: SamplingParams,
+                      adapter: str | None) -> tuple[list[int], str | None]:
+        """Everything that can be wrong with a request, found before anything is held."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError("params must be a SamplingParams")
+        ids = self.encode(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"the prompt is {len(ids)} tokens but the context window is "
+                             f"{self.max_model_len}; shorten the prompt")
+        return ids, self.resolve_adapter(adapter)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams, adapter: str | None = None,
+                    request_id: str | None = None) -> str:
+        """A bad request raises and leaves no trace."""
+        ids, key = self.check_request(prompt, params, adapter)
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(next(self._ids), ids, params, key, arrival=time.monotonic())
+        seq.state = RequestState(
+            output=RequestOutput(request_id, ids, adapter),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, ids, params.stop,
+                                               params.include_stop_str_in_output, params.skip_special_tokens),
+            generator=None if params.seed is None else torch.Generator().manual_seed(params.seed),
+        )
+        if params.logprobs is not None:
+            seq.state.output.logprobs = []
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "abort")
+        out = seq.state.output
+        out.finish_reason = "abort"
+        self._forget_retired(seq)
+        return out
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- the step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.items:
+            return []
+        inputs = [StepInput(seq, n, self.slots.slot(seq.adapter_key)) for seq, n in batch.items]
+        seqs, logits = self.runner.run(inputs)
+        self.scheduler.advance(batch)
+        samples = self.sampler(logits, [self._sample_request(s) for s in seqs]) if seqs else []
+        return [self._append(seq, sample) for seq, sample in zip(seqs, samples)]
+
+    def _sample_request(self, seq: Sequence) -> SampleRequest:
+        p = seq.params
+        banned = []
+        if len(seq.output_token_ids) < p.min_tokens:
+            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(self.eos_token_ids))
+        return SampleRequest(p, seq.prompt_token_ids, seq.output_token_ids, seq.state.generator, banned)
+
+    def _append(self, seq: Sequence, sample: Sample) -> RequestOutput:
+        state, p = seq.state, seq.params
+        out = state.output
+        seq.output_token_ids.append(sample.token_id)
+        out.token_ids = seq.output_token_ids
+        out.delta_token_ids = [sample.token_id]
+        out.num_cached_tokens = max(out.num_cached_tokens, seq.num_cached_tokens)
+        if out.logprobs is not None:
+            out.logprobs.append(TokenLogprob(sample.token_id, sample.logprob, sample.top_logprobs))
+        matched = state.detokenizer.append(sample.token_id)
+        reason = self._finish_reason(seq, sample.token_id, matched)
+        if reason is not None:
+            out.finish_reason = reason
+            out.stop_reason = matched if matched is not None else (
+                sample.token_id if reason == "stop" else None)
+            self.scheduler.finish(seq, reason)
+            self.requests.pop(out.request_id, None)
+            self._forget_retired(seq)
+        out.text = state.detokenizer.text
+        out.delta_text = state.detokenizer.delta(out.finished)
+        return out
+
+    def _finish_reason(self, seq: Sequence, token: int, matched_stop: str | None) -> str | None:
+        p = seq.params
+        n = len(seq.output_token_ids)
+        if matched_stop is not None and n >= p.min_tokens:
+            return "stop"
+        if n >= p.min_tokens and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
+            return "stop"
+        if n >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _forget_retired(self, seq: Sequence) -> None:
+        """An adapter replaced or removed while this request ran can go once unpinned."""
+        key = seq.adapter_key
+        if key is not None and key not in self.adapter_keys.values():
+            self._retire(key)
+
+    # -- introspection -------------------------------------------------------------------
+    def stats(self) -> dict:
+        return {
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_blocks_total": self.blocks.num_blocks,
+            "kv_blocks_used": self.blocks.num_used_blocks,
+            "prefix_cache_queries": self.blocks.num_cache_queries,
+            "prefix_cache_hits": self.blocks.num_cache_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "adapter_slots_total": self.slots.max_loras,
+            "adapter_slots_used": self.slots.num_used,
+            "adapter_loads": self.slots.num_loads,
+            "adapter_evictions": self.slots.num_evictions,
+        }
+
+
+def _eos_ids(tokenizer, hf_config) -> set[int]:
+    ids = set()
+    for value in (tokenizer.eos_token_id, getattr(hf_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(value)
+    return ids

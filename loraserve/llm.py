@@ -1,0 +1,82 @@
+"""Offline batch API: many prompts, each with its own adapter, in one call."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Sequence as Seq
+
+from tqdm.auto import tqdm
+
+from .config import EngineConfig
+from .engine import LLMEngine
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+
+class LLM:
+    """`LLM()` serves the embedded SmolLM2 with no network; keyword arguments are
+    EngineConfig fields (model, dtype, max_loras, max_lora_rank, ...)."""
+
+    def __init__(self, model: str | None = None, **kwargs):
+        known = {f.name for f in fields(EngineConfig)}
+        unknown = set(kwargs) - known
+        if unknown:
+            raise TypeError(f"unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self.tokenizer = self.engine.tokenizer
+
+    def add_adapter(self, name: str, path: str) -> None:
+        self.engine.add_adapter(name, path)
+
+    def remove_adapter(self, name: str) -> None:
+        self.engine.remove_adapter(name)
+
+    def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 adapters: str | None | Seq[str | None] = None, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Outputs come back in input order. Every request is checked before any runs, so
+        a bad one raises without side effects."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        n = len(prompts)
+        params_list = _broadcast(params or SamplingParams(), n, "params")
+        adapter_list = _broadcast(adapters, n, "adapters")
+        for prompt, sp, adapter in zip(prompts, params_list, adapter_list):
+            self.engine.check_request(prompt, sp, adapter)
+        ids = [self.engine.add_request(p, sp, a) for p, sp, a in zip(prompts, params_list, adapter_list)]
+        return self._run(ids, use_tqdm)
+
+    def chat(self, conversations: list[dict] | list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None,
+             adapters: str | None | Seq[str | None] = None, use_tqdm: bool = True) -> list[RequestOutput]:
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        prompts = [self.apply_chat_template(c) for c in conversations]
+        return self.generate(prompts, params, adapters, use_tqdm)
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        results: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm)
+        try:
+            while len(results) < len(ids):
+                for out in self.engine.step():
+                    if out.finished and out.request_id not in results:
+                        results[out.request_id] = out
+                        bar.update(1)
+        except BaseException:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        finally:
+            bar.close()
+        return [results[rid] for rid in ids]
+
+
+def _broadcast(value, n: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries for {n} prompts")
+        return list(value)
+    return [value] * n

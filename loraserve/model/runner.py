@@ -1,0 +1,118 @@
+"""Turns a scheduled batch into tensors, runs the model, and returns the logits of the
+sequences that need a token. Owns the weights, the KV cache and the LoRA slot buffers."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from loraserve.config import EngineConfig
+from loraserve.kernels import build_lora_meta
+from loraserve.sequence import Sequence
+
+from .llama import SUPPORTED_MODEL_TYPES, ForwardBatch, LlamaForCausalLM
+from .loader import load_state_dict
+from .lora import load_slot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepInput:
+    seq: Sequence
+    num_tokens: int       # tokens computed this step
+    slot: int             # adapter slot, -1 = base model
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16
+    return getattr(torch, name)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, hf_config, model_dir: str, max_model_len: int):
+        if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(f"model type {hf_config.model_type!r} is not supported; "
+                             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.block_size = config.block_size
+        with torch.device("meta"):
+            model = LlamaForCausalLM(hf_config, max_model_len)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        model.load_hf_weights(load_state_dict(model_dir))
+        model.init_rotary(self.dtype)
+        model.init_lora(config.max_loras, config.max_lora_rank)
+        self.model = model.eval()
+        self.num_blocks = config.num_kv_blocks or self._blocks_for_budget(hf_config, config.kv_cache_memory)
+        model.init_kv_cache(self.num_blocks, self.block_size)
+        self.slot_ranks = [0] * config.max_loras
+        self.on_logits = None   # test hook: called with (seqs, logits) after each step
+
+    def _blocks_for_budget(self, hf_config, budget: int) -> int:
+        per_token = 2 * hf_config.num_hidden_layers * hf_config.num_key_value_heads * self.model.head_dim
+        per_block = per_token * self.block_size * torch.finfo(self.dtype).bits // 8
+        return max(1, budget // per_block)
+
+    def write_slot(self, slot: int, adapter) -> None:
+        with torch.no_grad():
+            load_slot([layer.lora for layer in self.model.layers], slot, adapter)
+        self.slot_ranks[slot] = adapter.rank
+
+    @torch.inference_mode()
+    def run(self, inputs: list[StepInput]) -> tuple[list[Sequence], torch.Tensor]:
+        """Prefill chunks (several tokens) are packed first, then decodes (one token)."""
+        prefill = [i for i in inputs if i.num_tokens > 1]
+        decode = [i for i in inputs if i.num_tokens == 1]
+        ordered = prefill + decode
+        ids, positions, slots, token_slots, sample_idx, sample_seqs = [], [], [], [], [], []
+        for item in ordered:
+            seq, start = item.seq, item.seq.num_computed_tokens
+            end = start + item.num_tokens
+            ids.extend(seq.token_ids()[start:end])
+            positions.extend(range(start, end))
+            slots.extend(seq.block_table[p // self.block_size] * self.block_size + p % self.block_size
+                         for p in range(start, end))
+            token_slots.extend([item.slot] * item.num_tokens)
+            if end == seq.num_tokens:          # the whole context is in: sample a token
+                sample_idx.append(len(ids) - 1)
+                sample_seqs.append(seq)
+        batch = self._forward_batch(prefill, decode, positions, slots, token_slots)
+        hidden = self.model(self._tensor(ids), batch)
+        logits = self.model.compute_logits(hidden[self._tensor(sample_idx)])
+        if self.on_logits is not None:
+            self.on_logits(sample_seqs, logits)
+        return sample_seqs, logits
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)
+
+    def _block_tables(self, items: list[StepInput]) -> torch.Tensor:
+        width = max((len(i.seq.block_table) for i in items), default=0)
+        rows = [i.seq.block_table + [0] * (width - len(i.seq.block_table)) for i in items]
+        return torch.tensor(rows, dtype=torch.int64, device=self.device).view(len(items), width)
+
+    def _forward_batch(self, prefill, decode, positions, slots, token_slots) -> ForwardBatch:
+        decode_lens = [i.seq.num_computed_tokens + 1 for i in decode]
+        return ForwardBatch(
+            positions=self._tensor(positions),
+            slot_mapping=self._tensor(slots),
+            num_prefill_tokens=sum(i.num_tokens for i in prefill),
+            prefill_query_lens=[i.num_tokens for i in prefill],
+            prefill_context_lens=[i.seq.num_computed_tokens + i.num_tokens for i in prefill],
+            prefill_block_tables=self._block_tables(prefill),
+            decode_block_tables=self._block_tables(decode),
+            decode_context_lens=self._tensor(decode_lens),
+            decode_max_context_len=max(decode_lens, default=0),
+            lora=build_lora_meta(token_slots, self.slot_ranks, self.device, self.dtype),
+        )

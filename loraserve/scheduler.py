@@ -1,0 +1,135 @@
+"""Continuous batching: which requests run in the next step, and how many tokens each.
+
+Every step first serves the running requests (a decode token, or the next chunk of a
+long prompt), preempting the newest by recompute when KV blocks run out, then admits
+waiting requests while the token budget, the sequence limit, KV blocks and adapter
+slots allow. No torch here: tested with plain sequences and a fake adapter pool.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+class AdapterPins(Protocol):
+    """The adapter tiers as the scheduler sees them: a request holds a pin on its
+    adapter's device slot from admission until it finishes or is preempted."""
+
+    def try_pin(self, adapter_key: str) -> bool: ...   # False: not resident (yet) or no slot
+    def unpin(self, adapter_key: str) -> None: ...
+
+
+@dataclass
+class ScheduledBatch:
+    items: list[tuple[Sequence, int]]          # (sequence, tokens computed this step)
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.items)
+
+
+@dataclass
+class Scheduler:
+    blocks: BlockManager
+    adapters: AdapterPins
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    waiting: deque[Sequence] = field(default_factory=deque)
+    running: list[Sequence] = field(default_factory=list)
+    num_preemptions: int = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        items: list[tuple[Sequence, int]] = []
+        preempted = self._schedule_running(items, budget)
+        budget -= sum(n for _, n in items)
+        if not preempted:
+            self._admit_waiting(items, budget)
+        return ScheduledBatch(items, preempted)
+
+    def _schedule_running(self, items, budget: int) -> int:
+        preempted = 0
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.blocks.can_allocate(seq, n):
+                victim = self.running[-1]      # the newest request gives way
+                self.preempt(victim)
+                preempted += 1
+                if victim is seq:
+                    return preempted
+            self.blocks.allocate(seq, n)
+            items.append((seq, n))
+            budget -= n
+            i += 1
+        return preempted
+
+    def _admit_waiting(self, items, budget: int) -> None:
+        """FCFS, except that a request whose adapter cannot take a slot yet is passed
+        over (it keeps its place) so it does not block requests for resident adapters."""
+        skipped: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hits = self.blocks.match_prefix(seq)
+            n = min(seq.num_tokens - len(hits) * self.blocks.block_size, budget)
+            if not self.blocks.can_admit(seq, hits, n):
+                break
+            if seq.adapter_key is not None and not self.adapters.try_pin(seq.adapter_key):
+                skipped.append(self.waiting.popleft())
+                continue
+            self.waiting.popleft()
+            self.blocks.admit(seq, hits)
+            self.blocks.allocate(seq, n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            items.append((seq, n))
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+
+    def preempt(self, seq: Sequence) -> None:
+        """Recompute later: drop its KV, keep its tokens, and put it first in line."""
+        self.running.remove(seq)
+        self._release(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def advance(self, batch: ScheduledBatch) -> list[Sequence]:
+        """Record the computed tokens; returns the sequences that now need a sampled token
+        (their whole context is computed)."""
+        ready = []
+        for seq, n in batch.items:
+            seq.num_computed_tokens += n
+            self.blocks.register_full_blocks(seq)
+            if seq.num_computed_tokens == seq.num_tokens:
+                ready.append(seq)
+        return ready
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a request wherever it is (running, waiting, or an abort of either)."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self._release(seq)
+        elif seq.status is SequenceStatus.WAITING and seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _release(self, seq: Sequence) -> None:
+        self.blocks.free_seq(seq)
+        if seq.adapter_key is not None:
+            self.adapters.unpin(seq.adapter_key)
