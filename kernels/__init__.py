@@ -1,16 +1,72 @@
 """Pure tensor functions for LoRA and paged attention.
 
 One branch chooses the implementation: Triton kernels on CUDA, the torch paths
-elsewhere (CPU production path and the kernels' oracle).
+elsewhere (CPU production path and the kernels' oracle). The Triton launchers are also
+importable by name, and run on CPU tensors under TRITON_INTERPRET=1 (the kernel tests).
 """
 
-from .lora_meta import LoRAMeta, build_lora_meta
-from .paged_attention import paged_attention_decode, paged_attention_prefill, store_kv
-from .sgmv import add_lora_grouped, add_lora_ref
+from __future__ import annotations
 
-add_lora = add_lora_grouped
+import torch
+
+from . import cpu_attention as _cpu
+from .lora_meta import LoRAMeta, build_lora_meta
+from .paged_attention import (
+    paged_attention_decode_triton,
+    paged_attention_prefill_triton,
+    store_kv_triton,
+)
+from .sgmv import (
+    HAS_TRITON,
+    add_lora_bgmv,
+    add_lora_grouped,
+    add_lora_ref,
+    add_lora_triton,
+    bgmv_expand,
+    bgmv_shrink,
+    sgmv_expand,
+    sgmv_shrink,
+)
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """The one dispatch branch: Triton on CUDA tensors when triton is installed."""
+    return HAS_TRITON and t.is_cuda
+
+
+def add_lora(y, x, A, Bs, out_slices, meta: LoRAMeta):
+    """y += LoRA delta of each token's adapter (semantics in kernels/sgmv.py); returns y."""
+    impl = add_lora_triton if use_triton(x) else add_lora_grouped
+    return impl(y, x, A, Bs, out_slices, meta)
+
+
+def allocate_kv_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, device) -> torch.Tensor:
+    """A [num_blocks, block_size, H_kv, D] cache: contiguous for the Triton kernels,
+    a view of head-major storage for the CPU path (see cpu_attention.py)."""
+    if torch.device(device).type == "cuda":
+        return torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
+    return _cpu.allocate_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
+
+
+def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    impl = store_kv_triton if use_triton(k) else _cpu.store_kv
+    impl(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, max_context_len, scale):
+    impl = paged_attention_decode_triton if use_triton(q) else _cpu.paged_attention_decode
+    return impl(q, k_cache, v_cache, block_tables, context_lens, max_context_len, scale)
+
+
+def paged_attention_prefill(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale):
+    impl = paged_attention_prefill_triton if use_triton(q) else _cpu.paged_attention_prefill
+    return impl(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale)
+
 
 __all__ = [
-    "LoRAMeta", "build_lora_meta", "add_lora", "add_lora_ref", "add_lora_grouped",
-    "paged_attention_decode", "paged_attention_prefill", "store_kv",
+    "HAS_TRITON", "LoRAMeta", "build_lora_meta", "use_triton",
+    "add_lora", "add_lora_ref", "add_lora_grouped", "add_lora_triton", "add_lora_bgmv",
+    "sgmv_shrink", "sgmv_expand", "bgmv_shrink", "bgmv_expand",
+    "paged_attention_decode", "paged_attention_prefill", "store_kv", "allocate_kv_cache",
+    "paged_attention_decode_triton", "paged_attention_prefill_triton", "store_kv_triton",
 ]

@@ -9,14 +9,20 @@ segments so each segment runs one matmul against its own adapter:
 The CPU path also needs a padded "rows" layout for one batched matmul: every segment is
 cut into rows of `row_len` tokens, so `x[pad_idx].view(num_rows, row_len, in)` holds the
 segments side by side and `row_slots[i]` names the adapter of row i.
+
+The Triton path cuts segments into blocks of at most SGMV_BLOCK_M tokens instead, one
+program row per block: `block_segs[b]` is block b's segment and `block_starts[b]` its first
+position in sorted_token_idx (segments [0, 3, 5] -> block_starts [0, 3], block_segs [0, 1]).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+
+SGMV_BLOCK_M = 16  # tokens per Triton SGMV program; the smallest M of a tensor-core dot
 
 
 @dataclass
@@ -35,6 +41,12 @@ class LoRAMeta:
     pad_idx: torch.Tensor          # [num_rows * row_len] int64: token index per cell (pads -> 0)
     pad_mask: torch.Tensor | None  # [num_rows, row_len, 1]: 0 on pad cells; None when no pads
     max_loras: int
+    inv_idx: torch.Tensor | None = None  # [T] int64: each token's cell in the rows; no-adapter -> the extra zero cell
+    all_tokens_have_lora: bool = True    # no token points at the extra zero cell
+    # token blocks (Triton path): block b holds sorted positions
+    # [block_starts[b], min(block_starts[b] + SGMV_BLOCK_M, seg_starts[block_segs[b] + 1]))
+    block_segs: torch.Tensor | None = None    # [NB] int32: segment of block b; -1 = padding, no work
+    block_starts: torch.Tensor | None = None  # [NB] int32
 
     @property
     def num_segments(self) -> int:
@@ -69,7 +81,13 @@ def build_lora_meta(
         order.extend(by_slot[s])
         seg_starts.append(len(order))
     row_len, row_slots, pad_idx, has_pad = _rows(by_slot, slots)
+    block_starts = [b for i in range(len(slots)) for b in range(seg_starts[i], seg_starts[i + 1], SGMV_BLOCK_M)]
+    block_segs = [i for i in range(len(slots)) for _ in range(seg_starts[i], seg_starts[i + 1], SGMV_BLOCK_M)]
     num_rows = len(row_slots)
+    inv_idx = [num_rows * row_len] * len(token_slots)          # the zero cell past the rows
+    for cell, t in enumerate(pad_idx):
+        if t >= 0:
+            inv_idx[t] = cell
     pad_mask = None
     if has_pad:
         mask = [1.0 if i >= 0 else 0.0 for i in pad_idx]
@@ -90,6 +108,10 @@ def build_lora_meta(
         pad_idx=torch.tensor([max(i, 0) for i in pad_idx], **i64),
         pad_mask=pad_mask,
         max_loras=max_loras,
+        inv_idx=torch.tensor(inv_idx, **i64),
+        all_tokens_have_lora=len(order) == len(token_slots),
+        block_segs=torch.tensor(block_segs, **i32),
+        block_starts=torch.tensor(block_starts, **i32),
     )
 
 
@@ -110,3 +132,39 @@ def _rows(by_slot: dict[int, list[int]], slots: list[int]):
             pad_idx.extend(chunk + [-1] * (row_len - len(chunk)))
     has_pad = any(i < 0 for i in pad_idx)
     return row_len, row_slots, pad_idx, has_pad
+
+
+class LoRAMetaBuffers:
+    """The Triton path's metadata preallocated at its maximum size, for steps replayed
+    from a CUDA graph captured at `max_tokens` tokens: `fill` writes each step's metadata
+    into the same device memory, padded (slot -1 tokens, block_segs -1: no work), and the
+    launchers size their grids from these buffer shapes only, so the captured launches
+    stay valid. The step's x and y are padded to max_tokens rows as well; capture with a
+    step that has adapters (a meta whose has_lora is false launches nothing)."""
+
+    def __init__(self, max_tokens: int, max_loras: int, device: torch.device | str):
+        self.max_tokens, self.max_loras = max_tokens, max_loras
+        # at most one partial block per segment, and segments <= min(tokens, slots)
+        max_blocks = min(max_tokens, max_loras) + -(-max_tokens // SGMV_BLOCK_M)
+        i32 = dict(dtype=torch.int32, device=device)
+        self.buffers = {                           # name -> (device buffer, value of padding)
+            "token_slots": (torch.full((max_tokens,), -1, **i32), -1),
+            "sorted_token_idx": (torch.zeros(max_tokens, dtype=torch.int64, device=device), 0),
+            "seg_starts": (torch.zeros(max_loras + 1, **i32), 0),
+            "seg_slots": (torch.zeros(max_loras, **i32), 0),
+            "slot_ranks": (torch.zeros(max_loras, **i32), 0),
+            "block_segs": (torch.full((max_blocks,), -1, **i32), -1),
+            "block_starts": (torch.zeros(max_blocks, **i32), 0),
+        }
+
+    def fill(self, token_slots: list[int], slot_ranks: list[int]) -> LoRAMeta:
+        assert len(token_slots) <= self.max_tokens, (len(token_slots), self.max_tokens)
+        assert len(slot_ranks) == self.max_loras, (len(slot_ranks), self.max_loras)
+        padded = list(token_slots) + [-1] * (self.max_tokens - len(token_slots))
+        meta = build_lora_meta(padded, slot_ranks)          # on CPU; one copy per buffer below
+        for name, (buf, pad) in self.buffers.items():
+            src = getattr(meta, name)
+            host = torch.full(buf.shape, pad, dtype=buf.dtype)
+            host[: src.numel()] = src
+            buf.copy_(host, non_blocking=True)
+        return replace(meta, **{name: buf for name, (buf, _) in self.buffers.items()})

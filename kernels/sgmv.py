@@ -13,14 +13,27 @@ Weight layout, shared by every implementation:
 This file holds the torch implementations: `add_lora_ref` (a plain loop, the oracle of
 the tests) and `add_lora_grouped` (the CPU production path: one batched matmul per
 shrink and per expand over padded rows of equal length, sized to the step's largest
-rank). The Triton kernels live beside them.
+rank), and the Triton kernels beside them (the CUDA path): `sgmv_shrink` + `sgmv_expand`
+over blocks of tokens that share a slot, and `bgmv_shrink` + `bgmv_expand`, one token per
+program (Punica's decode-shaped variant). Between shrink and expand the LoRA activations
+live in `v [T, r_max * n_proj]` fp32, in A's interleaved column order:
+v[t, j * n_proj + p] = x[t] @ A[slot[t], :, j, p].
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from .lora_meta import LoRAMeta
+from .lora_meta import SGMV_BLOCK_M, LoRAMeta
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:                                # CPU installs without triton
+    HAS_TRITON = False
 
 
 def add_lora_ref(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
@@ -57,6 +70,340 @@ def add_lora_grouped(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list
     for p, ((off, size), B) in enumerate(zip(out_slices, Bs)):
         b = B[:, :r]
         b = b if meta.rows_are_all_slots else b.index_select(0, meta.row_slots_t)
-        out = torch.bmm(v[..., p], b)                                  # [R, row_len, out_p]
-        y[:, off : off + size].index_add_(0, meta.pad_idx, out.view(-1, size))
+        out = torch.bmm(v[..., p], b).view(-1, size)                   # [R * row_len, out_p]
+        if not meta.all_tokens_have_lora:                              # no-adapter tokens read a zero cell
+            out = torch.cat([out, out.new_zeros(1, size)])
+        y[:, off : off + size] += out.index_select(0, meta.inv_idx)    # back to token order
     return y
+
+
+# ---------------------------------------------------------------------------------------
+# Triton kernels. Each program reads its slot and that slot's rank and does work only for
+# the adapter's own `rank * n_proj` columns (rank-aware); slot -1 tokens are in no block.
+
+def _sgmv_shrink_kernel(
+    x_ptr, a_ptr, v_ptr,
+    sorted_idx_ptr, seg_starts_ptr, seg_slots_ptr, slot_ranks_ptr, block_segs_ptr, block_starts_ptr,
+    in_features, stride_xt, stride_al, stride_ai, stride_vt,
+    N_PROJ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Semantics: v[t, :rank*n_proj] = x[t] @ A[slot[t]].view(in, -1)[:, :rank*n_proj].
+    Grid (block, column block, split-K); x rows are gathered through sorted_token_idx."""
+    seg = tl.load(block_segs_ptr + tl.program_id(0))
+    if seg < 0:
+        return
+    slot = tl.load(seg_slots_ptr + seg)
+    cols = tl.load(slot_ranks_ptr + slot) * N_PROJ          # this adapter's columns
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if tl.program_id(1) * BLOCK_N >= cols:
+        return
+    start = tl.load(block_starts_ptr + tl.program_id(0))
+    offs_m = start + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < tl.load(seg_starts_ptr + seg + 1)
+    tok = tl.load(sorted_idx_ptr + offs_m, mask=m_mask, other=0)       # [BLOCK_M] int64
+    n_mask = offs_n < cols
+    x_rows = x_ptr + tok[:, None] * stride_xt
+    a_cols = a_ptr + slot.to(tl.int64) * stride_al + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(tl.program_id(2) * BLOCK_K, in_features, BLOCK_K * SPLIT_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < in_features
+        xt = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        at = tl.load(a_cols + offs_k[:, None] * stride_ai, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc += tl.dot(xt.to(DOT_DTYPE), at.to(DOT_DTYPE), input_precision=PRECISION)
+    v_ptrs = v_ptr + tok[:, None] * stride_vt + offs_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(v_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
+    else:
+        tl.atomic_add(v_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
+
+
+def _sgmv_expand_kernel(
+    y_ptr, v_ptr, b0_ptr, b1_ptr, b2_ptr, proj_ptr,
+    sorted_idx_ptr, seg_starts_ptr, seg_slots_ptr, slot_ranks_ptr, block_segs_ptr, block_starts_ptr,
+    stride_yt, stride_vt,
+    N_PROJ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Semantics: y[t, off_p + n] += v[t, p::n_proj][:rank] @ B_p[slot[t], :rank, n].
+    Grid (block, projection, column block); proj_ptr [n_proj, 4] int64 holds
+    (column offset, out_p, B_p stride 0, B_p stride 1) per projection."""
+    seg = tl.load(block_segs_ptr + tl.program_id(0))
+    if seg < 0:
+        return
+    p = tl.program_id(1)
+    out_p = tl.load(proj_ptr + p * 4 + 1)
+    if tl.program_id(2) * BLOCK_N >= out_p:
+        return
+    slot = tl.load(seg_slots_ptr + seg)
+    rank = tl.load(slot_ranks_ptr + slot)
+    if p == 0:
+        b_ptr = b0_ptr
+    elif p == 1:
+        b_ptr = b1_ptr
+    else:
+        b_ptr = b2_ptr
+    start = tl.load(block_starts_ptr + tl.program_id(0))
+    offs_m = start + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < tl.load(seg_starts_ptr + seg + 1)
+    tok = tl.load(sorted_idx_ptr + offs_m, mask=m_mask, other=0)       # [BLOCK_M] int64
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < out_p
+    v_rows = v_ptr + tok[:, None] * stride_vt + p
+    b_cols = b_ptr + slot.to(tl.int64) * tl.load(proj_ptr + p * 4 + 2) + offs_n[None, :]
+    stride_br = tl.load(proj_ptr + p * 4 + 3)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, rank, BLOCK_K):                              # the slot's rank, not r_max
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < rank
+        vt = tl.load(v_rows + offs_k[None, :] * N_PROJ, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        bt = tl.load(b_cols + offs_k[:, None] * stride_br, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc += tl.dot(vt.to(DOT_DTYPE), bt.to(DOT_DTYPE), input_precision=PRECISION)
+    y_ptrs = y_ptr + tok[:, None] * stride_yt + tl.load(proj_ptr + p * 4) + offs_n[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    y = tl.load(y_ptrs, mask=mask, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _bgmv_shrink_kernel(
+    x_ptr, a_ptr, v_ptr, token_slots_ptr, slot_ranks_ptr,
+    in_features, stride_xt, stride_al, stride_ai, stride_vt,
+    N_PROJ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """Semantics: as _sgmv_shrink_kernel, one token per program. Grid (token, column block,
+    split-K): a matrix-vector product, no padding of a decode token to a 16-row tile."""
+    t = tl.program_id(0)
+    slot = tl.load(token_slots_ptr + t)
+    if slot < 0:
+        return
+    cols = tl.load(slot_ranks_ptr + slot) * N_PROJ
+    if tl.program_id(1) * BLOCK_N >= cols:
+        return
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < cols
+    a_cols = a_ptr + slot.to(tl.int64) * stride_al + offs_n[None, :]
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(tl.program_id(2) * BLOCK_K, in_features, BLOCK_K * SPLIT_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < in_features
+        xt = tl.load(x_ptr + t.to(tl.int64) * stride_xt + offs_k, mask=k_mask, other=0.0)
+        at = tl.load(a_cols + offs_k[:, None] * stride_ai, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc += tl.sum(xt.to(tl.float32)[:, None] * at.to(tl.float32), axis=0)
+    v_ptrs = v_ptr + t.to(tl.int64) * stride_vt + offs_n
+    if SPLIT_K == 1:
+        tl.store(v_ptrs, acc, mask=n_mask)
+    else:
+        tl.atomic_add(v_ptrs, acc, mask=n_mask)
+
+
+def _bgmv_expand_kernel(
+    y_ptr, v_ptr, b0_ptr, b1_ptr, b2_ptr, proj_ptr, token_slots_ptr, slot_ranks_ptr,
+    stride_yt, stride_vt,
+    N_PROJ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Semantics: as _sgmv_expand_kernel, one token per program. Grid (token, projection,
+    column block)."""
+    t = tl.program_id(0)
+    slot = tl.load(token_slots_ptr + t)
+    if slot < 0:
+        return
+    p = tl.program_id(1)
+    out_p = tl.load(proj_ptr + p * 4 + 1)
+    if tl.program_id(2) * BLOCK_N >= out_p:
+        return
+    rank = tl.load(slot_ranks_ptr + slot)
+    if p == 0:
+        b_ptr = b0_ptr
+    elif p == 1:
+        b_ptr = b1_ptr
+    else:
+        b_ptr = b2_ptr
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < out_p
+    b_cols = b_ptr + slot.to(tl.int64) * tl.load(proj_ptr + p * 4 + 2) + offs_n[None, :]
+    stride_br = tl.load(proj_ptr + p * 4 + 3)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, rank, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < rank
+        vt = tl.load(v_ptr + t.to(tl.int64) * stride_vt + offs_k * N_PROJ + p, mask=k_mask, other=0.0)
+        bt = tl.load(b_cols + offs_k[:, None] * stride_br, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc += tl.sum(vt[:, None] * bt.to(tl.float32), axis=0)
+    y_ptrs = y_ptr + t.to(tl.int64) * stride_yt + tl.load(proj_ptr + p * 4) + offs_n
+    y = tl.load(y_ptrs, mask=n_mask, other=0.0)
+    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Launchers: check the contract, pick block sizes, launch. The grid depends only on tensor
+# shapes (never on values read back from the device), so a launch can be graph-captured.
+
+@functools.cache
+def _jit(fn, interpret: bool):
+    """triton.jit at first launch rather than at import: triton picks the interpreter when
+    a kernel is decorated, and TRITON_INTERPRET may be set after this module is imported."""
+    return triton.jit(fn)
+
+
+def _kernel(fn):
+    return _jit(fn, bool(triton.knobs.runtime.interpret))
+
+
+def _dot_dtype(dtype: torch.dtype):
+    """Operand type of tl.dot. The interpreter multiplies bf16 operands as raw uint16, so
+    there every dot runs in fp32 (products of bf16/fp16 values are exact in fp32)."""
+    if triton.knobs.runtime.interpret or dtype == torch.float32:
+        return tl.float32
+    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
+
+
+def _split_k(programs: int, in_features: int, block_k: int) -> int:
+    """Split the reduction when there are too few programs to fill the device (a decode
+    step with one adapter is a handful of blocks streaming all of A)."""
+    split = 1
+    while programs * split < 128 and in_features >= block_k * split * 2:
+        split *= 2
+    return split
+
+
+def _check_lora_args(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta) -> None:
+    assert x.dim() == 2 and A.dim() == 4, "x [T, in], A [max_loras, in, r_max, n_proj]"
+    assert x.dtype == A.dtype, f"x {x.dtype} and A {A.dtype} must share a dtype"
+    assert x.dtype in (torch.float32, torch.float16, torch.bfloat16), x.dtype
+    assert x.shape[1] == A.shape[1] and x.shape[0] == meta.num_tokens, (x.shape, A.shape, meta.num_tokens)
+    assert x.stride(1) == 1 and A.is_contiguous(), "x rows and A must be contiguous"
+    assert A.shape[0] == meta.max_loras, (A.shape, meta.max_loras)
+    assert x.device == A.device == meta.token_slots.device
+
+
+def _proj_table(y: torch.Tensor, v: torch.Tensor, Bs: list[torch.Tensor],
+                out_slices: list[tuple[int, int]], meta: LoRAMeta) -> torch.Tensor:
+    """Check the expand contract; return [n_proj, 4] int64 (offset, out_p, B stride 0, stride 1)."""
+    n_proj = len(Bs)
+    assert 1 <= n_proj <= 3 and len(out_slices) == n_proj, "1 to 3 fused projections"
+    assert y.dim() == 2 and y.stride(1) == 1 and y.shape[0] == meta.num_tokens, "y [T, N], rows contiguous"
+    assert v.dtype == torch.float32 and v.is_contiguous() and v.shape[0] == y.shape[0]
+    assert y.device == v.device == meta.token_slots.device
+    r_max = v.shape[1] // n_proj
+    for B, (off, size) in zip(Bs, out_slices):
+        assert B.is_contiguous() and B.dtype == Bs[0].dtype and B.device == y.device
+        assert B.shape == (meta.max_loras, r_max, size), (B.shape, meta.max_loras, r_max, size)
+        assert 0 <= off and off + size <= y.shape[1], (off, size, y.shape)
+    rows = tuple((off, size, B.stride(0), B.stride(1)) for B, (off, size) in zip(Bs, out_slices))
+    return _proj_tensor(rows, y.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _proj_tensor(rows: tuple, device: torch.device) -> torch.Tensor:
+    """Cached: every layer of a model reuses a few tables, copied to the device once."""
+    return torch.tensor(rows, dtype=torch.int64, device=device)
+
+
+def sgmv_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta) -> torch.Tensor:
+    """Semantics: v[t, j*n_proj + p] = x[t] @ A[slot[t], :, j, p] for j < rank[slot[t]].
+    x [T, in], A [max_loras, in, r_max, n_proj]; returns v [T, r_max * n_proj] fp32
+    (zero outside each token's rank columns and on slot -1 rows)."""
+    _check_lora_args(x, A, meta)
+    _, in_features, r_max, n_proj = A.shape
+    v = torch.zeros(x.shape[0], r_max * n_proj, dtype=torch.float32, device=x.device)
+    num_blocks = meta.block_segs.numel()
+    if not meta.has_lora or num_blocks == 0:
+        return v                                     # no adapter in the step: no launch
+    interpret = triton.knobs.runtime.interpret
+    block_n = min(64, max(16, triton.next_power_of_2(r_max * n_proj)))
+    block_k = 256 if interpret else 64
+    grid_n = triton.cdiv(r_max * n_proj, block_n)
+    split_k = _split_k(num_blocks * grid_n, in_features, block_k)
+    _kernel(_sgmv_shrink_kernel)[(num_blocks, grid_n, split_k)](
+        x, A, v,
+        meta.sorted_token_idx, meta.seg_starts, meta.seg_slots, meta.slot_ranks,
+        meta.block_segs, meta.block_starts,
+        in_features, x.stride(0), A.stride(0), A.stride(1), v.stride(0),
+        N_PROJ=n_proj, BLOCK_M=SGMV_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        DOT_DTYPE=_dot_dtype(x.dtype), PRECISION="ieee",
+    )
+    return v
+
+
+def sgmv_expand(y: torch.Tensor, v: torch.Tensor, Bs: list[torch.Tensor],
+                out_slices: list[tuple[int, int]], meta: LoRAMeta) -> torch.Tensor:
+    """Semantics: y[t, off_p : off_p + out_p] += v[t, p::n_proj][:rank] @ Bs[p][slot[t], :rank].
+    v [T, r_max * n_proj] fp32 from sgmv_shrink; y may be a column slice of a wider output.
+    Returns y, updated in place."""
+    proj = _proj_table(y, v, Bs, out_slices, meta)
+    num_blocks = meta.block_segs.numel()
+    if not meta.has_lora or num_blocks == 0:
+        return y
+    n_proj = len(Bs)
+    interpret = triton.knobs.runtime.interpret
+    max_out = max(size for _, size in out_slices)
+    block_n = min(1024, triton.next_power_of_2(max_out)) if interpret else 64
+    b = list(Bs) + [Bs[0]] * (3 - n_proj)
+    _kernel(_sgmv_expand_kernel)[(num_blocks, n_proj, triton.cdiv(max_out, block_n))](
+        y, v, b[0], b[1], b[2], proj,
+        meta.sorted_token_idx, meta.seg_starts, meta.seg_slots, meta.slot_ranks,
+        meta.block_segs, meta.block_starts,
+        y.stride(0), v.stride(0),
+        N_PROJ=n_proj, BLOCK_M=SGMV_BLOCK_M, BLOCK_N=block_n, BLOCK_K=64 if interpret else 16,
+        DOT_DTYPE=_dot_dtype(Bs[0].dtype), PRECISION="ieee",
+    )
+    return y
+
+
+def bgmv_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta) -> torch.Tensor:
+    """Semantics: as sgmv_shrink, one token per program (decode-shaped batches)."""
+    _check_lora_args(x, A, meta)
+    _, in_features, r_max, n_proj = A.shape
+    T = x.shape[0]
+    v = torch.zeros(T, r_max * n_proj, dtype=torch.float32, device=x.device)
+    if not meta.has_lora:
+        return v
+    interpret = triton.knobs.runtime.interpret
+    block_n = min(64, max(16, triton.next_power_of_2(r_max * n_proj)))
+    block_k = 256 if interpret else 64
+    grid_n = triton.cdiv(r_max * n_proj, block_n)
+    split_k = _split_k(T * grid_n, in_features, block_k)
+    _kernel(_bgmv_shrink_kernel)[(T, grid_n, split_k)](
+        x, A, v, meta.token_slots, meta.slot_ranks,
+        in_features, x.stride(0), A.stride(0), A.stride(1), v.stride(0),
+        N_PROJ=n_proj, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+    )
+    return v
+
+
+def bgmv_expand(y: torch.Tensor, v: torch.Tensor, Bs: list[torch.Tensor],
+                out_slices: list[tuple[int, int]], meta: LoRAMeta) -> torch.Tensor:
+    """Semantics: as sgmv_expand, one token per program. Returns y, updated in place."""
+    proj = _proj_table(y, v, Bs, out_slices, meta)
+    if not meta.has_lora:
+        return y
+    n_proj = len(Bs)
+    interpret = triton.knobs.runtime.interpret
+    max_out = max(size for _, size in out_slices)
+    block_n = min(1024, triton.next_power_of_2(max_out)) if interpret else 128
+    b = list(Bs) + [Bs[0]] * (3 - n_proj)
+    _kernel(_bgmv_expand_kernel)[(y.shape[0], n_proj, triton.cdiv(max_out, block_n))](
+        y, v, b[0], b[1], b[2], proj, meta.token_slots, meta.slot_ranks,
+        y.stride(0), v.stride(0),
+        N_PROJ=n_proj, BLOCK_N=block_n, BLOCK_K=16,
+    )
+    return y
+
+
+def add_lora_triton(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
+                    out_slices: list[tuple[int, int]], meta: LoRAMeta) -> torch.Tensor:
+    """CUDA path: y += LoRA delta as one SGMV shrink and one SGMV expand launch.
+    (add_lora_bgmv is the decode-shaped alternative; benchmarks/kernels.py compares the
+    two, and dispatch stays on SGMV until BGMV measures faster on a GPU.)"""
+    if not meta.has_lora:
+        return y                                   # no adapter in the step: nothing launched
+    return sgmv_expand(y, sgmv_shrink(x, A, meta), Bs, out_slices, meta)
+
+
+def add_lora_bgmv(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
+                  out_slices: list[tuple[int, int]], meta: LoRAMeta) -> torch.Tensor:
+    """The same as add_lora_triton with the one-token-per-program kernels (decode shapes)."""
+    if not meta.has_lora:
+        return y
+    return bgmv_expand(y, bgmv_shrink(x, A, meta), Bs, out_slices, meta)

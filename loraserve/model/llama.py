@@ -184,8 +184,8 @@ class LlamaForCausalLM(nn.Module):
         dtype, device = self.embed.weight.dtype, self.embed.weight.device
         shape = (num_blocks, block_size, self.config.num_key_value_heads, self.head_dim)
         for layer in self.layers:
-            layer.k_cache = torch.zeros(shape, dtype=dtype, device=device)
-            layer.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+            layer.k_cache = kernels.allocate_kv_cache(*shape, dtype, device)
+            layer.v_cache = kernels.allocate_kv_cache(*shape, dtype, device)
 
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ADAPTER_MIX, PeftOracle
+from lorakit import ADAPTER_MIX, PeftOracle
 from loraserve import LLM, SamplingParams
 
 NUM_TOKENS = 32

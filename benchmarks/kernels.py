@@ -1,0 +1,294 @@
+"""Kernel benchmarks against the memory-bandwidth roofline (needs CUDA).
+
+    python benchmarks/kernels.py            # on a GPU
+    python benchmarks/kernels.py --smoke    # anywhere: tiny shapes, Triton interpreter on CPU
+
+1. copy bandwidth of the device (torch copy_ of 512 MiB): the roofline
+2. LoRA decode shapes (hidden 4096, rank 16, batch 1..256, 1 and 64 distinct adapters):
+   SGMV and BGMV shrink and expand, achieved bandwidth as a fraction of the copy
+   bandwidth, and the whole add_lora against the torch path (add_lora_grouped) on the GPU
+3. paged attention decode (Llama-3-8B heads: 32 q, 8 kv, head_dim 128): bandwidth and the
+   torch reference
+4. a decode step of a Llama-3.2-1B-shaped layer stack (16 layers, random weights, no RoPE)
+   with 64 adapters of rank 16 on all seven projections, against the same step with no
+   adapters (the whole step captured in a CUDA graph)
+
+Bytes counted are the bytes a kernel must move at least: x, the weights of the adapters
+in the batch (at their rank), v and y; for attention the cached K and V it reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class Shapes:
+    hidden: int = 4096
+    rank: int = 16
+    batches: tuple = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    adapter_counts: tuple = (1, 64)
+    # attention
+    heads: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    block_size: int = 16
+    attn_batches: tuple = (1, 8, 32, 128)
+    context_len: int = 2048
+    # Llama-3.2-1B
+    model_hidden: int = 2048
+    model_intermediate: int = 8192
+    model_layers: int = 16
+    model_heads: int = 32
+    model_kv_heads: int = 8
+    model_batches: tuple = (64, 256)
+    model_context: int = 512
+    model_adapters: int = 64
+
+
+SMOKE = Shapes(hidden=64, rank=4, batches=(1, 7), adapter_counts=(1, 4), heads=4, kv_heads=2, head_dim=16,
+               attn_batches=(2,), context_len=40, model_hidden=64, model_intermediate=128, model_layers=2,
+               model_heads=4, model_kv_heads=2, model_batches=(4,), model_context=20, model_adapters=4)
+
+
+class Timer:
+    """Milliseconds per call: triton's do_bench (L2 flushed between calls) on CUDA; a
+    wall-clock loop on CPU, where the numbers only show that the script runs."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+
+    def __call__(self, fn, graph: bool = False) -> float:
+        fn()                                        # first call compiles; caches device tables
+        if not self.cuda:
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+        import triton.testing
+
+        if graph:
+            return triton.testing.do_bench_cudagraph(fn, rep=100)
+        return triton.testing.do_bench(fn, warmup=25, rep=100)
+
+
+def copy_bandwidth(timer: Timer, device: str) -> float:
+    import torch
+
+    nbytes = (512 << 20) if timer.cuda else (8 << 20)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src))
+    return 2 * nbytes / ms / 1e6                    # GB/s: read + write
+
+
+def lora_weights(num_slots: int, in_features: int, outs: list[int], rank: int, dtype, device):
+    import torch
+
+    A = torch.randn(num_slots, in_features, rank, len(outs), dtype=dtype, device=device) / in_features ** 0.5
+    Bs = [torch.randn(num_slots, rank, o, dtype=dtype, device=device) / rank ** 0.5 for o in outs]
+    return A, Bs
+
+
+def bench_lora(shapes: Shapes, timer: Timer, device: str, copy_gbs: float) -> None:
+    import torch
+
+    from loraserve.kernels import (add_lora_bgmv, add_lora_grouped, add_lora_triton, bgmv_expand, bgmv_shrink,
+                                   build_lora_meta, sgmv_expand, sgmv_shrink)
+
+    dtype = torch.bfloat16
+    h, r = shapes.hidden, shapes.rank
+    max_slots = max(shapes.adapter_counts)
+    A, Bs = lora_weights(max_slots, h, [h], r, dtype, device)
+    out_slices = [(0, h)]
+    print(f"\n## LoRA decode: hidden {h}, rank {r}, one projection, {dtype}; GB/s and % of copy bandwidth")
+    print(f"{'adapters':>8} {'batch':>5} | {'sgmv shrink':>18} {'sgmv expand':>18} | {'bgmv shrink':>18} "
+          f"{'bgmv expand':>18} | {'triton us':>9} {'bgmv us':>8} {'torch us':>8} {'torch/triton':>12}")
+    for num_adapters in shapes.adapter_counts:
+        for batch in shapes.batches:
+            slots = [t % num_adapters for t in range(batch)]
+            used = len(set(slots))
+            meta = build_lora_meta(slots, [r] * max_slots, device=device, dtype=dtype)
+            x = torch.randn(batch, h, dtype=dtype, device=device)
+            y = torch.zeros(batch, h, dtype=dtype, device=device)
+            v = sgmv_shrink(x, A, meta)
+            shrink_bytes = x.numel() * 2 + used * h * r * 2 + v.numel() * 4
+            expand_bytes = v.numel() * 4 + used * r * h * 2 + 2 * y.numel() * 2
+
+            def gbs(ms, nbytes):
+                return f"{nbytes / ms / 1e6:8.0f} {100 * nbytes / ms / 1e6 / copy_gbs:7.1f}%"
+            row = [gbs(timer(lambda: sgmv_shrink(x, A, meta)), shrink_bytes),
+                   gbs(timer(lambda: sgmv_expand(y, v, Bs, out_slices, meta)), expand_bytes),
+                   gbs(timer(lambda: bgmv_shrink(x, A, meta)), shrink_bytes),
+                   gbs(timer(lambda: bgmv_expand(y, v, Bs, out_slices, meta)), expand_bytes)]
+            t_triton = timer(lambda: add_lora_triton(y, x, A, Bs, out_slices, meta))
+            t_bgmv = timer(lambda: add_lora_bgmv(y, x, A, Bs, out_slices, meta))
+            t_torch = timer(lambda: add_lora_grouped(y, x, A, Bs, out_slices, meta))
+            print(f"{num_adapters:>8} {batch:>5} | {row[0]:>18} {row[1]:>18} | {row[2]:>18} {row[3]:>18} | "
+                  f"{t_triton * 1e3:9.1f} {t_bgmv * 1e3:8.1f} {t_torch * 1e3:8.1f} {t_torch / t_triton:12.2f}")
+
+
+def paged_cache(num_seqs: int, context_len: int, kv_heads: int, head_dim: int, block_size: int, dtype, device):
+    """Caches holding num_seqs sequences of context_len tokens in shuffled blocks, laid
+    out as the model allocates them (contiguous on CUDA, head-major on CPU)."""
+    import torch
+
+    from loraserve.kernels import allocate_kv_cache
+
+    per_seq = -(-context_len // block_size)
+    num_blocks = num_seqs * per_seq
+    k_cache = allocate_kv_cache(num_blocks, block_size, kv_heads, head_dim, dtype, device).normal_()
+    v_cache = allocate_kv_cache(num_blocks, block_size, kv_heads, head_dim, dtype, device).normal_()
+    tables = torch.randperm(num_blocks, device=device).view(num_seqs, per_seq)
+    return k_cache, v_cache, tables
+
+
+def bench_attention(shapes: Shapes, timer: Timer, device: str, copy_gbs: float) -> None:
+    import torch
+
+    from loraserve.kernels.paged_attention import paged_attention_decode, paged_attention_decode_triton
+
+    dtype = torch.bfloat16
+    H, H_kv, D, ctx = shapes.heads, shapes.kv_heads, shapes.head_dim, shapes.context_len
+    print(f"\n## paged attention decode: {H} heads, {H_kv} kv heads, head_dim {D}, block {shapes.block_size}, "
+          f"context {ctx}, {dtype}")
+    print(f"{'batch':>5} | {'triton us':>9} {'GB/s':>8} {'% copy':>7} | {'torch us':>9} {'torch/triton':>12}")
+    for batch in shapes.attn_batches:
+        k_cache, v_cache, tables = paged_cache(batch, ctx, H_kv, D, shapes.block_size, dtype, device)
+        k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()    # the Triton layout, also on CPU
+        q = torch.randn(batch, H, D, dtype=dtype, device=device)
+        lens = torch.full((batch,), ctx, dtype=torch.int32, device=device)
+        args = (q, k_cache, v_cache, tables, lens, ctx, D ** -0.5)
+        t_triton = timer(lambda: paged_attention_decode_triton(*args))
+        t_torch = timer(lambda: paged_attention_decode(*args))
+        nbytes = 2 * batch * ctx * H_kv * D * 2 + 2 * q.numel() * 2
+        gbs = nbytes / t_triton / 1e6
+        print(f"{batch:>5} | {t_triton * 1e3:9.1f} {gbs:8.0f} {100 * gbs / copy_gbs:6.1f}% | "
+              f"{t_torch * 1e3:9.1f} {t_torch / t_triton:12.2f}")
+
+
+class LayerStack:
+    """Llama-shaped decoder layers (random weights, no RoPE, no embeddings) that run one
+    decode step through the dispatching kernels: the path the model takes."""
+
+    def __init__(self, s: Shapes, batch: int, dtype, device):
+        import torch
+
+        self.s, self.batch = s, batch
+        h, inter, D = s.model_hidden, s.model_intermediate, s.model_hidden // s.model_heads
+        self.head_dim = D
+        self.q_out, self.kv_out = s.model_heads * D, s.model_kv_heads * D
+
+        def w(o, i):
+            return torch.randn(o, i, dtype=dtype, device=device) / i ** 0.5
+        self.layers = []
+        for _ in range(s.model_layers):
+            k_cache, v_cache, tables = paged_cache(batch, s.model_context, s.model_kv_heads, D, 16, dtype, device)
+            self.layers.append(dict(
+                qkv=w(self.q_out + 2 * self.kv_out, h), o=w(h, self.q_out), gate_up=w(2 * inter, h), down=w(h, inter),
+                lora_qkv=lora_weights(s.model_adapters, h, [self.q_out, self.kv_out, self.kv_out], 16, dtype, device),
+                lora_o=lora_weights(s.model_adapters, self.q_out, [h], 16, dtype, device),
+                lora_gate_up=lora_weights(s.model_adapters, h, [inter, inter], 16, dtype, device),
+                lora_down=lora_weights(s.model_adapters, inter, [h], 16, dtype, device),
+                k_cache=k_cache, v_cache=v_cache, tables=tables))
+        self.context_lens = torch.full((batch,), s.model_context, dtype=torch.int32, device=device)
+        # the new token goes to the last slot of each sequence's context
+        last = (s.model_context - 1) // 16
+        self.slot_mapping = self.layers[0]["tables"][:, last] * 16 + (s.model_context - 1) % 16
+        self.h = torch.randn(batch, h, dtype=dtype, device=device)
+
+    def step(self, meta):
+        import torch.nn.functional as F
+
+        from loraserve.kernels import add_lora, paged_attention_decode, store_kv
+
+        s, B, D = self.s, self.batch, self.head_dim
+        h = self.h
+        for L in self.layers:
+            x = F.rms_norm(h, (h.shape[-1],))
+            qkv = x @ L["qkv"].T
+            add_lora(qkv, x, *L["lora_qkv"], [(0, self.q_out), (self.q_out, self.kv_out),
+                                              (self.q_out + self.kv_out, self.kv_out)], meta)
+            q, k, v = qkv.split([self.q_out, self.kv_out, self.kv_out], dim=-1)
+            store_kv(k.view(B, -1, D), v.view(B, -1, D), L["k_cache"], L["v_cache"], self.slot_mapping)
+            attn = paged_attention_decode(q.view(B, -1, D), L["k_cache"], L["v_cache"], L["tables"],
+                                          self.context_lens, s.model_context, D ** -0.5).reshape(B, -1)
+            o = attn @ L["o"].T
+            add_lora(o, attn, *L["lora_o"], [(0, o.shape[1])], meta)
+            h = h + o
+            x = F.rms_norm(h, (h.shape[-1],))
+            gu = x @ L["gate_up"].T
+            inter = s.model_intermediate
+            add_lora(gu, x, *L["lora_gate_up"], [(0, inter), (inter, inter)], meta)
+            a = F.silu(gu[:, :inter]) * gu[:, inter:]
+            d = a @ L["down"].T
+            add_lora(d, a, *L["lora_down"], [(0, d.shape[1])], meta)
+            h = h + d
+        return h
+
+
+def bench_model(shapes: Shapes, timer: Timer, device: str) -> None:
+    import torch
+
+    from loraserve.kernels import build_lora_meta
+
+    dtype = torch.bfloat16
+    n = shapes.model_adapters
+    print(f"\n## Llama-3.2-1B-shaped decode step: {shapes.model_layers} layers, hidden {shapes.model_hidden}, "
+          f"context {shapes.model_context}, {n} adapters of rank 16 on q,k,v,o,gate,up,down")
+    print(f"{'batch':>5} | {'no adapters ms':>14} {f'{n} adapters ms':>15} {'overhead':>9}")
+    for batch in shapes.model_batches:
+        stack = LayerStack(shapes, batch, dtype, device)
+        with_lora = build_lora_meta([t % n for t in range(batch)], [16] * n, device=device, dtype=dtype)
+        without = build_lora_meta([-1] * batch, [16] * n, device=device, dtype=dtype)
+        t_base = timer(lambda: stack.step(without), graph=True)
+        t_lora = timer(lambda: stack.step(with_lora), graph=True)
+        print(f"{batch:>5} | {t_base:14.3f} {t_lora:15.3f} {100 * (t_lora / t_base - 1):8.1f}%")
+        del stack
+        if timer.cuda:
+            torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes; on CPU through the Triton interpreter")
+    parser.add_argument("--only", choices=["lora", "attention", "model"], help="run one section")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.smoke:
+        print("benchmarks/kernels.py measures GPU kernels against the GPU's memory bandwidth and needs CUDA; "
+              "no CUDA device here, so nothing was measured. `--smoke` runs tiny shapes on CPU "
+              "(Triton interpreter) to check that the script works.")
+        return 0
+    if not cuda:
+        os.environ["TRITON_INTERPRET"] = "1"        # before the first kernel is decorated
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("triton is not installed: `pip install triton`")
+        return 0
+    device = "cuda" if cuda else "cpu"
+    shapes = SMOKE if args.smoke else Shapes()
+    timer = Timer(cuda)
+    name = torch.cuda.get_device_name() if cuda else "CPU (interpreter: timings mean nothing)"
+    copy_gbs = copy_bandwidth(timer, device)
+    print(f"# {name}: measured copy bandwidth {copy_gbs:.0f} GB/s")
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        if args.only in (None, "lora"):
+            bench_lora(shapes, timer, device, copy_gbs)
+        if args.only in (None, "attention"):
+            bench_attention(shapes, timer, device, copy_gbs)
+        if args.only in (None, "model"):
+            bench_model(shapes, timer, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Offline multi-LoRA throughput: loraserve vs HF transformers + PEFT, same work, same run.
+
+128 requests, 32 synthetic rank-16 adapters on all seven projections (round-robin),
+prompts of 32-96 tokens, 64 generated tokens each (ignore_eos), all submitted at once.
+HF+PEFT runs batches of 32 that mix adapters through generate's `adapter_names=`.
+Prints tokens/s for both and their ratio per dtype, plus loraserve's base-model
+throughput (no adapters) for the LoRA overhead ratio.
+
+    python benchmarks/offline_throughput.py                 # both dtypes, with HF+PEFT
+    python benchmarks/offline_throughput.py --dtypes bfloat16 --skip-hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from synthetic import random_prompts, write_adapter  # noqa: E402
+
+from loraserve import LLM, SamplingParams  # noqa: E402
+from loraserve.model.loader import load_config, resolve_model  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-requests", type=int, default=128, help="requests submitted at once")
+    p.add_argument("--num-adapters", type=int, default=32, help="distinct adapters, assigned round-robin")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank of every adapter")
+    p.add_argument("--min-prompt", type=int, default=32, help="shortest prompt, tokens")
+    p.add_argument("--max-prompt", type=int, default=96, help="longest prompt, tokens")
+    p.add_argument("--gen-tokens", type=int, default=64, help="tokens generated per request")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes to measure")
+    p.add_argument("--hf-batch", type=int, default=32, help="HF+PEFT generate batch size")
+    p.add_argument("--skip-hf", action="store_true", help="measure loraserve only")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    return p.parse_args(argv)
+
+
+def run_loraserve(model_dir, dtype, prompts, adapter_dirs, plan, args) -> float:
+    llm = LLM(model=model_dir, dtype=dtype, max_loras=max(1, len(adapter_dirs)), max_lora_rank=args.rank,
+              max_num_seqs=args.num_requests)
+    for name, path in adapter_dirs.items():
+        llm.add_adapter(name, path)
+    params = SamplingParams(max_tokens=args.gen_tokens, temperature=0, ignore_eos=True)
+    llm.generate(prompts[:4], params, adapters=plan[:4], use_tqdm=False)       # warm-up
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params, adapters=plan, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    return sum(len(o.token_ids) for o in outs) / elapsed
+
+
+def run_hf_peft(model_dir, dtype, prompts, adapter_dirs, plan, args) -> float:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = getattr(torch, dtype)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
+    names = list(adapter_dirs)
+    model = PeftModel.from_pretrained(base, adapter_dirs[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapter_dirs[name], adapter_name=name)
+    model.eval()
+    pad = base.config.pad_token_id or 0
+    generated = 0
+    start = time.perf_counter()
+    for i in range(0, len(prompts), args.hf_batch):
+        batch, batch_plan = prompts[i : i + args.hf_batch], plan[i : i + args.hf_batch]
+        width = max(map(len, batch))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=batch_plan,
+                                 max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens,
+                                 do_sample=False, pad_token_id=pad)
+        generated += (out.shape[1] - width) * len(batch)
+    return generated / (time.perf_counter() - start)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = resolve_model(None).local_dir
+    hf_config = load_config(model_dir)
+    prompts = random_prompts(args.num_requests, args.min_prompt, args.max_prompt, hf_config.vocab_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_dirs = {f"a{i}": write_adapter(os.path.join(tmp, f"a{i}"), hf_config, "SmolLM2-135M-Instruct",
+                                               args.rank, seed=i) for i in range(args.num_adapters)}
+        plan = [f"a{i % args.num_adapters}" for i in range(args.num_requests)]
+        print(f"{args.num_requests} requests, {args.num_adapters} adapters of rank {args.rank}, "
+              f"prompts {args.min_prompt}-{args.max_prompt} tokens, {args.gen_tokens} generated, "
+              f"{torch.get_num_threads()} threads")
+        print(f"{'dtype':<10} {'loraserve LoRA':>15} {'loraserve base':>15} {'LoRA/base':>10} {'HF+PEFT':>10} {'vs HF':>8}")
+        for dtype in args.dtypes.split(","):
+            lora = run_loraserve(model_dir, dtype, prompts, adapter_dirs, plan, args)
+            base = run_loraserve(model_dir, dtype, prompts, {}, [None] * len(plan), args)
+            hf = None if args.skip_hf else run_hf_peft(model_dir, dtype, prompts, adapter_dirs, plan, args)
+            hf_cols = f"{'-':>10} {'-':>8}" if hf is None else f"{hf:>10.1f} {lora / hf:>7.1f}x"
+            print(f"{dtype:<10} {lora:>15.1f} {base:>15.1f} {lora / base:>10.2f} {hf_cols}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

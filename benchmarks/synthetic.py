@@ -1,0 +1,49 @@
+"""Synthetic adapters and prompts for the benchmarks: PEFT files with random nonzero
+weights, written in the exact layout `PeftModel.save_pretrained` produces."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import torch
+from safetensors.torch import save_file
+
+ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def module_shapes(hf_config) -> dict[str, tuple[int, int]]:
+    h, inter = hf_config.hidden_size, hf_config.intermediate_size
+    head_dim = getattr(hf_config, "head_dim", None) or h // hf_config.num_attention_heads
+    q, kv = hf_config.num_attention_heads * head_dim, hf_config.num_key_value_heads * head_dim
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+
+
+def write_adapter(out_dir: str, hf_config, base_id: str, rank: int, seed: int,
+                  targets: list[str] = ALL_MODULES, alpha: int | None = None) -> str:
+    """One rank-`rank` adapter on `targets` of every layer."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = module_shapes(hf_config)
+    tensors = {}
+    for layer in range(hf_config.num_hidden_layers):
+        for m in targets:
+            part = "self_attn" if m in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{part}.{m}"
+            fan_in, fan_out = shapes[m]
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) / fan_in ** 0.5
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * 0.01
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha or 2 * rank,
+              "target_modules": targets, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+              "base_model_name_or_path": base_id, "fan_in_fan_out": False, "modules_to_save": None}
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+        json.dump(config, f)
+    return out_dir
+
+
+def random_prompts(n: int, min_len: int, max_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab) for _ in range(rng.randint(min_len, max_len))] for _ in range(n)]

@@ -1,0 +1,167 @@
+"""The engine loop on its own thread, streaming per-request deltas to asyncio callers.
+
+The loop thread owns the LLMEngine: callers never touch it directly, they post
+commands (add, abort, any callable) to a thread-safe queue, and outputs travel back
+through each request's asyncio queue via `call_soon_threadsafe`. A caller that stops
+listening (a client disconnect cancels its task) aborts its request, which frees its
+KV blocks and adapter pin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from .config import EngineConfig
+from .engine import LLMEngine
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+class AsyncEngine:
+    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None):
+        self.engine = engine or LLMEngine(config or EngineConfig())
+        self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self.error: BaseException | None = None
+        self.num_steps = 0
+        self._thread = threading.Thread(target=self._loop, name="loraserve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    # -- the caller's side ---------------------------------------------------------------
+    async def call(self, fn: Callable[[LLMEngine], Any]) -> Any:
+        """Run fn(engine) on the loop thread between steps; returns its result or raises."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def run():
+            try:
+                result = fn(self.engine)
+                loop.call_soon_threadsafe(_resolve, future, result, None)
+            except BaseException as e:   # noqa: BLE001 - handed to the caller
+                loop.call_soon_threadsafe(_resolve, future, None, e)
+
+        self._post(run)
+        return await future
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams, adapter: str | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yields a RequestOutput each time the request advances; the last is finished.
+        Invalid requests raise before the first yield."""
+        request_id = request_id or f"req-{next(self._ids)}"
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+
+        def add(engine: LLMEngine):
+            engine.add_request(prompt, params, adapter, request_id)
+            self._streams[request_id] = stream
+
+        await self.call(add)
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        def run():
+            self._streams.pop(request_id, None)
+            self.engine.abort(request_id)
+        self._post(run)
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _post(self, fn: Callable[[], None]) -> None:
+        if not self.alive:
+            raise EngineDeadError(f"the engine loop has stopped: {self.error!r}")
+        self._commands.put(fn)
+        self._wake.set()
+
+    # -- the loop thread -----------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._run_commands()
+            if not self.engine.has_unfinished():
+                self._wake.wait(0.1)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:                  # a step failed: fail its requests, keep serving
+                log.exception("engine step failed")
+                self._fail_all(e)
+                continue
+            self.num_steps += 1
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    stream.put(_snapshot(out))
+                    if out.finished:
+                        del self._streams[out.request_id]
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                fn = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            fn()
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id in list(self.engine.requests):
+            self.engine.abort(request_id)
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream.put(RuntimeError(f"request failed inside the engine: {error}"))
+
+
+def _resolve(future: asyncio.Future, result, error) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _snapshot(out: RequestOutput) -> RequestOutput:
+    """A copy the caller may keep while the engine keeps appending to the original."""
+    return RequestOutput(**{**out.__dict__, "token_ids": list(out.token_ids),
+                            "logprobs": None if out.logprobs is None else list(out.logprobs)})

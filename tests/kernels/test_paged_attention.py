@@ -1,0 +1,143 @@
+"""Triton paged attention and store_kv against the torch references (gather + SDPA).
+
+Grid: dtype x block size x GQA ratio x head dim as a Latin square (every block size and
+every GQA ratio meets every head dim), each case running store_kv, decode over odd
+context lengths and prefill of new tokens after cached prefixes. The full product with
+long contexts runs on a GPU (`-m gpu`).
+"""
+
+import itertools
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from loraserve.kernels.paged_attention import (  # noqa: E402
+    paged_attention_decode, paged_attention_decode_triton, paged_attention_prefill,
+    paged_attention_prefill_triton, store_kv, store_kv_triton,
+)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BLOCK_SIZES = [1, 5, 16, 32]
+HEADS = [(4, 4), (8, 2), (9, 3), (8, 1)]           # (H, H_kv): GQA ratios 1, 4, 3, 8
+HEAD_DIMS = [16, 40, 64, 128]
+TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+DECODE_CONTEXTS = [1, 17, 100, 33, 64]
+# (new tokens, context length): plain prompts (q == ctx) and new tokens after a prefix
+PREFILL = [(7, 7), (5, 37), (1, 64), (33, 33), (20, 21), (16, 100)]
+
+CASES = [dict(dtype=DTYPES[(4 * i + j) % 3], block_size=bs, heads=heads, head_dim=HEAD_DIMS[(i + j) % 4])
+         for i, bs in enumerate(BLOCK_SIZES) for j, heads in enumerate(HEADS)]
+
+
+def _case_id(c: dict) -> str:
+    dt = str(c["dtype"]).removeprefix("torch.")
+    return f"{dt}-bs{c['block_size']}-H{c['heads'][0]}kv{c['heads'][1]}-D{c['head_dim']}"
+
+
+def make_cache(case: dict, context_lens: list[int], device: str, seed: int = 0):
+    """Random caches with more blocks than the sequences own, and block tables that
+    scatter each sequence over a random permutation of them (unused entries 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    bs, (H, H_kv), D = case["block_size"], case["heads"], case["head_dim"]
+    need = [-(-c // bs) for c in context_lens]
+    num_blocks = sum(need) + 3
+    k_cache = torch.randn(num_blocks, bs, H_kv, D, generator=gen)
+    v_cache = torch.randn(num_blocks, bs, H_kv, D, generator=gen)
+    perm = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = torch.zeros(len(context_lens), max(need) + 2, dtype=torch.int64)
+    for i, n in enumerate(need):
+        tables[i, :n] = torch.tensor(perm[sum(need[:i]) : sum(need[:i]) + n])
+    to = dict(device=device, dtype=case["dtype"])
+    return k_cache.to(**to), v_cache.to(**to), tables.to(device)
+
+
+def qkv_views(T: int, case: dict, device: str, seed: int = 1):
+    """q, k, v as strided views of one fused projection output, as the model makes them."""
+    gen = torch.Generator().manual_seed(seed)
+    (H, H_kv), D = case["heads"], case["head_dim"]
+    qkv = torch.randn(T, (H + 2 * H_kv) * D, generator=gen).to(device=device, dtype=case["dtype"])
+    q, k, v = qkv.split([H * D, H_kv * D, H_kv * D], dim=-1)
+    return q.view(T, H, D), k.view(T, H_kv, D), v.view(T, H_kv, D)
+
+
+def check_decode(case: dict, context_lens: list[int], device: str) -> None:
+    k_cache, v_cache, tables = make_cache(case, context_lens, device)
+    q, _, _ = qkv_views(len(context_lens), case, device)
+    lens = torch.tensor(context_lens, device=device)
+    scale = case["head_dim"] ** -0.5
+    out = paged_attention_decode_triton(q, k_cache, v_cache, tables, lens, max(context_lens), scale)
+    f = lambda t: t.float().cpu()  # noqa: E731
+    expected = paged_attention_decode(f(q), f(k_cache), f(v_cache), tables.cpu(), lens.cpu(), max(context_lens), scale)
+    atol, rtol = TOL[case["dtype"]]
+    assert out.dtype == q.dtype and out.shape == q.shape
+    torch.testing.assert_close(f(out), expected, atol=atol, rtol=rtol)
+
+
+def check_prefill(case: dict, seqs: list[tuple[int, int]], device: str) -> None:
+    query_lens, context_lens = [q for q, _ in seqs], [c for _, c in seqs]
+    k_cache, v_cache, tables = make_cache(case, context_lens, device)
+    q, _, _ = qkv_views(sum(query_lens), case, device)
+    scale = case["head_dim"] ** -0.5
+    out = paged_attention_prefill_triton(q, k_cache, v_cache, tables, query_lens, context_lens, scale)
+    f = lambda t: t.float().cpu()  # noqa: E731
+    expected = paged_attention_prefill(f(q), f(k_cache), f(v_cache), tables.cpu(), query_lens, context_lens, scale)
+    atol, rtol = TOL[case["dtype"]]
+    torch.testing.assert_close(f(out), expected, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_store_kv(case, device):
+    k_cache, v_cache, _ = make_cache(case, [40], device)
+    _, k, v = qkv_views(9, case, device)
+    slots = torch.tensor([3, 0, -1, 17, 39, 4, -1, 38, 20], device=device)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    keep = slots >= 0
+    store_kv(k[keep].contiguous(), v[keep].contiguous(), expected_k, expected_v, slots[keep])
+    store_kv_triton(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_decode(case, device):
+    check_decode(case, DECODE_CONTEXTS, device)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_prefill_with_cached_prefix(case, device):
+    check_prefill(case, PREFILL, device)
+
+
+def test_decode_padding_row_is_zero(device):
+    """A batch padded to a captured size holds rows with context length 0."""
+    case = dict(dtype=torch.float16, block_size=16, heads=(8, 2), head_dim=64)
+    k_cache, v_cache, tables = make_cache(case, [20, 1], device)
+    q, _, _ = qkv_views(2, case, device)
+    lens = torch.tensor([20, 0], device=device)
+    out = paged_attention_decode_triton(q, k_cache, v_cache, tables, lens, 20, 0.125)
+    assert torch.isfinite(out).all() and not out[1].any()
+
+
+def test_launchers_reject_bad_layouts(device):
+    case = dict(dtype=torch.float16, block_size=16, heads=(8, 2), head_dim=64)
+    k_cache, v_cache, tables = make_cache(case, [20], device)
+    q, _, _ = qkv_views(1, case, device)
+    with pytest.raises(AssertionError):
+        paged_attention_decode_triton(q.float(), k_cache, v_cache, tables, torch.tensor([20], device=device), 20, 0.1)
+    strided = torch.cat([k_cache, k_cache], dim=-1)[..., :64]     # same shape, not contiguous
+    with pytest.raises(AssertionError, match="contiguous"):
+        paged_attention_decode_triton(q, strided, v_cache, tables, torch.tensor([20], device=device), 20, 0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_full_grid_on_gpu(dtype):
+    long_decode = DECODE_CONTEXTS + [1023, 2049, 4001]
+    long_prefill = PREFILL + [(512, 512), (129, 3001), (1, 4096)]
+    for bs, heads, D in itertools.product(BLOCK_SIZES, HEADS, HEAD_DIMS):
+        case = dict(dtype=dtype, block_size=bs, heads=heads, head_dim=D)
+        check_decode(case, long_decode, "cuda")
+        check_prefill(case, long_prefill, "cuda")

@@ -1,0 +1,94 @@
+"""Helpers shared by the engine, e2e and api tests: tiny random base models in HF
+layout, real PEFT adapters written by `save_pretrained`, and an HF+PEFT oracle.
+(A module of its own, not conftest: several test folders have a conftest.py.)"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import os
+import shutil
+
+import torch
+
+ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# (name, rank, alpha, use_rslora, targets): the mix every fidelity test runs
+ADAPTER_MIX = [
+    ("r4", 4, 8, False, ALL_MODULES),
+    ("r8", 8, 32, False, ALL_MODULES),
+    ("r16_rslora", 16, 16, True, ALL_MODULES),
+    ("r64_qv", 64, 128, False, ["q_proj", "v_proj"]),
+]
+
+
+def tiny_config(model_type: str, vocab_size: int):
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512,
+                  rms_norm_eps=1e-5, tie_word_embeddings=False)
+    if model_type == "qwen2":
+        return Qwen2Config(**common, rope_theta=10000.0)
+    return LlamaConfig(**common, rope_theta=10000.0, head_dim=16)
+
+
+def save_tiny_model(model_type: str, out_dir: str, tokenizer_dir: str, seed: int = 0) -> str:
+    """A random 2-layer model saved like any HF checkpoint, with SmolLM2's tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, 49152), dtype=torch.float32)
+    with torch.no_grad():                 # random biases so qwen2's q/k/v bias path matters
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for f in glob.glob(os.path.join(tokenizer_dir, "*token*")) + glob.glob(os.path.join(tokenizer_dir, "*.jinja")):
+        shutil.copy(f, out_dir)
+    return out_dir
+
+
+def save_peft_adapter(base_model, out_dir: str, rank: int, alpha: int, use_rslora: bool,
+                      targets: list[str], seed: int) -> str:
+    """A PEFT adapter with random nonzero A and B, written by PEFT itself."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=use_rslora, target_modules=targets,
+                        init_lora_weights=False, lora_dropout=0.0)
+    model = get_peft_model(copy.deepcopy(base_model), config)
+    with torch.no_grad():                 # keep deltas moderate so logits stay meaningful
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.mul_(0.5 / max(1.0, p.abs().max().item()))
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+class PeftOracle:
+    """HF transformers + PEFT on the same weights: logits of a full sequence."""
+
+    def __init__(self, base_dir: str, adapters: dict[str, str]):
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        self.model = None
+        for name, path in adapters.items():
+            if self.model is None:
+                self.model = PeftModel.from_pretrained(base, path, adapter_name=name)
+            else:
+                self.model.load_adapter(path, adapter_name=name)
+        self.model = (self.model or base).eval()
+
+    @torch.no_grad()
+    def logits(self, token_ids: list[int], adapter: str | None) -> torch.Tensor:
+        ids = torch.tensor([token_ids])
+        if adapter is None:
+            if hasattr(self.model, "disable_adapter"):
+                with self.model.disable_adapter():
+                    return self.model(input_ids=ids).logits[0]
+            return self.model(input_ids=ids).logits[0]
+        self.model.set_adapter(adapter)
+        return self.model(input_ids=ids).logits[0]
