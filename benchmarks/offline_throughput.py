@@ -42,8 +42,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def run_loraserve(model_dir, dtype, prompts, adapter_dirs, plan, args) -> float:
-    llm = LLM(model=model_dir, dtype=dtype, max_loras=max(1, len(adapter_dirs)), max_lora_rank=args.rank,
+def run_loraserve(dtype, prompts, adapter_dirs, plan, args) -> float:
+    llm = LLM(dtype=dtype, max_loras=max(1, len(adapter_dirs)), max_lora_rank=args.rank,
               max_num_seqs=args.num_requests)
     for name, path in adapter_dirs.items():
         llm.add_adapter(name, path)
@@ -98,8 +98,8 @@ def main(argv=None):
               f"{torch.get_num_threads()} threads")
         print(f"{'dtype':<10} {'loraserve LoRA':>15} {'loraserve base':>15} {'LoRA/base':>10} {'HF+PEFT':>10} {'vs HF':>8}")
         for dtype in args.dtypes.split(","):
-            lora = run_loraserve(model_dir, dtype, prompts, adapter_dirs, plan, args)
-            base = run_loraserve(model_dir, dtype, prompts, {}, [None] * len(plan), args)
+            lora = run_loraserve(dtype, prompts, adapter_dirs, plan, args)
+            base = run_loraserve(dtype, prompts, {}, [None] * len(plan), args)
             hf = None if args.skip_hf else run_hf_peft(model_dir, dtype, prompts, adapter_dirs, plan, args)
             hf_cols = f"{'-':>10} {'-':>8}" if hf is None else f"{hf:>10.1f} {lora / hf:>7.1f}x"
             print(f"{dtype:<10} {lora:>15.1f} {base:>15.1f} {lora / base:>10.2f} {hf_cols}", flush=True)

@@ -8,7 +8,9 @@ segments so each segment runs one matmul against its own adapter:
 
 The CPU path also needs a padded "rows" layout for one batched matmul: every segment is
 cut into rows of `row_len` tokens, so `x[pad_idx].view(num_rows, row_len, in)` holds the
-segments side by side and `row_slots[i]` names the adapter of row i.
+segments side by side and `row_slots[i]` names the adapter of row i. The model runner
+orders tokens by slot, so in the common decode step (every request has an adapter, as
+many requests per adapter) the rows are x itself and no gather is needed.
 
 The Triton path cuts segments into blocks of at most SGMV_BLOCK_M tokens instead, one
 program row per block: `block_segs[b]` is block b's segment and `block_starts[b]` its first
@@ -43,6 +45,7 @@ class LoRAMeta:
     max_loras: int
     inv_idx: torch.Tensor | None = None  # [T] int64: each token's cell in the rows; no-adapter -> the extra zero cell
     all_tokens_have_lora: bool = True    # no token points at the extra zero cell
+    rows_are_tokens: bool = False        # the rows are x itself, in order: no gather, no scatter
     # token blocks (Triton path): block b holds sorted positions
     # [block_starts[b], min(block_starts[b] + SGMV_BLOCK_M, seg_starts[block_segs[b] + 1]))
     block_segs: torch.Tensor | None = None    # [NB] int32: segment of block b; -1 = padding, no work
@@ -110,6 +113,7 @@ def build_lora_meta(
         max_loras=max_loras,
         inv_idx=torch.tensor(inv_idx, **i64),
         all_tokens_have_lora=len(order) == len(token_slots),
+        rows_are_tokens=pad_idx == list(range(len(token_slots))),
         block_segs=torch.tensor(block_segs, **i32),
         block_starts=torch.tensor(block_starts, **i32),
     )

@@ -62,7 +62,8 @@ def add_lora_grouped(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list
     num_rows, row_len = len(meta.row_slots), meta.row_len
     a = A[:, :, :r, :].reshape(A.shape[0], A.shape[1], r * n_proj)  # view, [L, in, r*n_proj]
     a = a if meta.rows_are_all_slots else a.index_select(0, meta.row_slots_t)
-    xr = x.index_select(0, meta.pad_idx).view(num_rows, row_len, -1)  # [R, row_len, in]
+    xr = x if meta.rows_are_tokens else x.index_select(0, meta.pad_idx)
+    xr = xr.view(num_rows, row_len, -1)                                # [R, row_len, in]
     v = torch.bmm(xr, a)                                              # [R, row_len, r*n_proj]
     if meta.pad_mask is not None:
         v = v * meta.pad_mask                      # pad cells hold token 0: zero them
@@ -71,6 +72,9 @@ def add_lora_grouped(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list
         b = B[:, :r]
         b = b if meta.rows_are_all_slots else b.index_select(0, meta.row_slots_t)
         out = torch.bmm(v[..., p], b).view(-1, size)                   # [R * row_len, out_p]
+        if meta.rows_are_tokens:
+            y[:, off : off + size] += out
+            continue
         if not meta.all_tokens_have_lora:                              # no-adapter tokens read a zero cell
             out = torch.cat([out, out.new_zeros(1, size)])
         y[:, off : off + size] += out.index_select(0, meta.inv_idx)    # back to token order

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from loraserve.adapters import AdapterNotFound, BaseModelSpec, LoRAAdapter, load_peft_dir
+from loraserve.adapters import AdapterRecord, AdapterRegistry, AdapterStore, BaseModelSpec, default_store_root
 
-from .adapter_slots import AdapterSlots
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
@@ -27,6 +26,8 @@ from .scheduler import Scheduler
 from .sequence import Sequence
 
 log = logging.getLogger(__name__)
+
+DEFAULT_TENANT = "default"
 
 
 @dataclass
@@ -52,9 +53,9 @@ class LLMEngine:
         # one request must always fit the KV pool, or preemption could never make room
         self.max_model_len = min(wanted, self.runner.num_blocks * config.block_size)
         self.spec = BaseModelSpec.from_hf_config(self.hf_config, config.max_lora_rank, self.model_id)
-        self.adapter_keys: dict[str, str] = {}          # adapter name -> key of its current weights
-        self.adapter_weights: dict[str, LoRAAdapter] = {}
-        self.slots = AdapterSlots(config.max_loras, self.runner.write_slot, self.adapter_weights.get)
+        self.store = AdapterStore(config.adapter_dir or default_store_root(), self.spec)
+        self.adapters = AdapterRegistry(self.store, config.max_loras, config.max_cpu_loras, self.runner.write_slot)
+        self.slots = self.adapters.slots
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, self.slots, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(config.seed)
@@ -66,38 +67,41 @@ class LLMEngine:
                  config.max_lora_rank, self.runner.dtype, self.runner.device)
 
     # -- adapters ------------------------------------------------------------------------
-    def add_adapter(self, name: str, path: str) -> str:
-        """Load a PEFT directory under a name. New weights under an existing name get a
-        new key: running requests finish on the old weights, and no prefix-cache block
-        computed with them is reused."""
-        adapter = load_peft_dir(path, self.spec)
-        key = f"{name}@{adapter.sha256[:16]}"
-        old = self.adapter_keys.get(name)
-        self.adapter_weights[key] = adapter
-        self.adapter_keys[name] = key
-        if old is not None and old != key:
-            self._retire(old)
-        return key
+    def add_adapter(self, name: str, path: str, tenant: str = DEFAULT_TENANT) -> AdapterRecord:
+        """Register a PEFT directory in the store as the next version of `name`. Running
+        requests finish on the version they started with; new ones get this one, and no
+        prefix-cache block computed with other weights is reused (the key has the version)."""
+        return self.store.register_dir(tenant, name, path)
 
-    def remove_adapter(self, name: str) -> None:
-        if name not in self.adapter_keys:
-            raise AdapterNotFound(f"adapter {name!r} is not loaded")
-        self._retire(self.adapter_keys.pop(name))
+    def remove_adapter(self, name: str, tenant: str = DEFAULT_TENANT) -> list[AdapterRecord]:
+        """Delete every version of `name` (or one: `name@2`). Requests already accepted
+        with a deleted version still finish on it; new ones cannot resolve it."""
+        doomed = [r for r in self._versions(tenant, name) if self._in_use(r.key)]
+        for record in doomed:
+            self.adapters.retain(record)
+        removed = self.store.delete(tenant, name)
+        for record in removed:
+            if not self._in_use(record.key):
+                self.forget_adapter(record)
+        return removed
 
-    def _retire(self, key: str) -> None:
-        """Free old weights once no live request (running or waiting) uses them."""
-        if not any(s.adapter_key == key for s in self.requests.values()):
-            self.slots.drop(key)
-            self.adapter_weights.pop(key, None)
+    def _versions(self, tenant: str, ref: str) -> list[AdapterRecord]:
+        name, _, version = ref.partition("@")
+        records = self.store.versions(tenant, name)
+        return [r for r in records if not version or str(r.version) == version]
 
-    def resolve_adapter(self, name: str | None) -> str | None:
-        if name is None:
-            return None
-        key = self.adapter_keys.get(name)
-        if key is None:
-            known = ", ".join(sorted(self.adapter_keys)) or "none"
-            raise AdapterNotFound(f"adapter {name!r} is not loaded (loaded: {known}); add it first")
-        return key
+    def _in_use(self, key: str) -> bool:
+        return any(s.adapter_key == key for s in self.requests.values())
+
+    def forget_adapter(self, record: AdapterRecord) -> None:
+        """Drop cached copies of a deleted version (once no request uses it)."""
+        self.adapters.forget(record.key)
+
+    def adapter_tier(self, record: AdapterRecord) -> str:
+        return self.adapters.tier(record)
+
+    def resolve_adapter(self, ref: str | None, tenant: str = DEFAULT_TENANT) -> str | None:
+        return None if ref is None else self.adapters.resolve(tenant, ref).key
 
     # -- requests ------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -107,8 +111,8 @@ class LLMEngine:
             raise ValueError(f"prompt token ids must be integers in [0, {self.hf_config.vocab_size})")
         return list(prompt)
 
-    def check_request(self, prompt: str | list[int], params: SamplingParams,
-                      adapter: str | None) -> tuple[list[int], str | None]:
+    def check_request(self, prompt: str | list[int], params: SamplingParams, adapter: str | None,
+                      tenant: str = DEFAULT_TENANT) -> tuple[list[int], str | None]:
         """Everything that can be wrong with a request, found before anything is held."""
         if not isinstance(params, SamplingParams):
             raise TypeError("params must be a SamplingParams")
@@ -118,12 +122,13 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise ValueError(f"the prompt is {len(ids)} tokens but the context window is "
                              f"{self.max_model_len}; shorten the prompt")
-        return ids, self.resolve_adapter(adapter)
+        return ids, self.resolve_adapter(adapter, tenant)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, adapter: str | None = None,
-                    request_id: str | None = None) -> str:
-        """A bad request raises and leaves no trace."""
-        ids, key = self.check_request(prompt, params, adapter)
+                    request_id: str | None = None, tenant: str = DEFAULT_TENANT) -> str:
+        """`adapter` is a store reference (`name`, `name@3`, `owner/name`) in the tenant's
+        view. A bad request raises and leaves no trace."""
+        ids, key = self.check_request(prompt, params, adapter, tenant)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -141,13 +146,12 @@ class LLMEngine:
         return request_id
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        seq = self.requests.pop(request_id, None)
+        seq = self.requests.get(request_id)
         if seq is None:
             return None
-        self.scheduler.finish(seq, "abort")
+        self._end(seq, "abort")
         out = seq.state.output
         out.finish_reason = "abort"
-        self._forget_retired(seq)
         return out
 
     def has_unfinished(self) -> bool:
@@ -155,14 +159,37 @@ class LLMEngine:
 
     # -- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        failed = self._fail_unloadable()
         batch = self.scheduler.schedule()
         if not batch.items:
-            return []
+            if self.scheduler.waiting:
+                self.adapters.cpu.wait(0.05)    # adapters still loading: sleep, do not spin
+            return failed
         inputs = [StepInput(seq, n, self.slots.slot(seq.adapter_key)) for seq, n in batch.items]
         seqs, logits = self.runner.run(inputs)
         self.scheduler.advance(batch)
         samples = self.sampler(logits, [self._sample_request(s) for s in seqs]) if seqs else []
-        return [self._append(seq, sample) for seq, sample in zip(seqs, samples)]
+        return failed + [self._append(seq, sample) for seq, sample in zip(seqs, samples)]
+
+    def _fail_unloadable(self) -> list[RequestOutput]:
+        """Requests whose adapter could not be read (deleted, corrupted) end with an error."""
+        failures = self.adapters.cpu.take_failures()
+        if not failures:
+            return []
+        outs = []
+        for seq in [s for s in self.scheduler.waiting if s.adapter_key in failures]:
+            out = seq.state.output
+            out.finish_reason, out.error = "error", failures[seq.adapter_key]
+            self._end(seq, "error")
+            outs.append(out)
+        return outs
+
+    def _end(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        self.requests.pop(seq.state.output.request_id, None)
+        key = seq.adapter_key
+        if key is not None and self.adapters.is_retained(key) and not self._in_use(key):
+            self.adapters.forget(key)             # the last request on a deleted version ended
 
     def _sample_request(self, seq: Sequence) -> SampleRequest:
         p = seq.params
@@ -186,9 +213,7 @@ class LLMEngine:
             out.finish_reason = reason
             out.stop_reason = matched if matched is not None else (
                 sample.token_id if reason == "stop" else None)
-            self.scheduler.finish(seq, reason)
-            self.requests.pop(out.request_id, None)
-            self._forget_retired(seq)
+            self._end(seq, reason)
         out.text = state.detokenizer.text
         out.delta_text = state.detokenizer.delta(out.finished)
         return out
@@ -204,12 +229,6 @@ class LLMEngine:
             return "length"
         return None
 
-    def _forget_retired(self, seq: Sequence) -> None:
-        """An adapter replaced or removed while this request ran can go once unpinned."""
-        key = seq.adapter_key
-        if key is not None and key not in self.adapter_keys.values():
-            self._retire(key)
-
     # -- introspection -------------------------------------------------------------------
     def stats(self) -> dict:
         return {
@@ -224,6 +243,12 @@ class LLMEngine:
             "adapter_slots_used": self.slots.num_used,
             "adapter_loads": self.slots.num_loads,
             "adapter_evictions": self.slots.num_evictions,
+            "adapter_load_seconds_total": self.adapters.cpu.load_seconds_total,
+            "adapter_load_count": self.adapters.cpu.num_loads,
+            "device_hits": self.slots.num_hits,
+            "cpu_hits": self.adapters.cpu.num_hits,
+            "disk_loads": self.adapters.cpu.num_loads,
+            "resident": self.adapters.resident(),
         }
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import weakref
 from dataclasses import fields
 from typing import Sequence as Seq
 
@@ -15,21 +18,28 @@ from .sampling_params import SamplingParams
 
 class LLM:
     """`LLM()` serves the embedded SmolLM2 with no network; keyword arguments are
-    EngineConfig fields (model, dtype, max_loras, max_lora_rank, ...)."""
+    EngineConfig fields (model, dtype, max_loras, max_lora_rank, ...). Without an
+    `adapter_dir`, adapters live in a temporary store that goes with this object:
+    offline scripts should not pile versions into the user's durable store."""
 
     def __init__(self, model: str | None = None, **kwargs):
         known = {f.name for f in fields(EngineConfig)}
         unknown = set(kwargs) - known
         if unknown:
             raise TypeError(f"unknown option(s) {sorted(unknown)}; known: {sorted(known)}")
+        if kwargs.get("adapter_dir") is None:
+            kwargs["adapter_dir"] = tempfile.mkdtemp(prefix="loraserve-adapters-")
+            weakref.finalize(self, shutil.rmtree, kwargs["adapter_dir"], True)
         self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
         self.tokenizer = self.engine.tokenizer
 
-    def add_adapter(self, name: str, path: str) -> None:
-        self.engine.add_adapter(name, path)
+    def add_adapter(self, name: str, path: str):
+        """Register a PEFT directory as the next version of `name`; returns its record."""
+        return self.engine.add_adapter(name, path)
 
-    def remove_adapter(self, name: str) -> None:
-        self.engine.remove_adapter(name)
+    def remove_adapter(self, name: str):
+        """Delete every version of `name`; requests already running on it finish."""
+        return self.engine.remove_adapter(name)
 
     def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  adapters: str | None | Seq[str | None] = None, use_tqdm: bool = True) -> list[RequestOutput]:

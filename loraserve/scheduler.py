@@ -16,12 +16,16 @@ from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
 
 
+PINNED, LOADING, NO_SLOT = "pinned", "loading", "no_slot"
+
+
 class AdapterPins(Protocol):
     """The adapter tiers as the scheduler sees them: a request holds a pin on its
     adapter's device slot from admission until it finishes or is preempted."""
 
-    def try_pin(self, adapter_key: str) -> bool: ...   # False: not resident (yet) or no slot
+    def try_pin(self, adapter_key: str) -> str: ...   # PINNED, LOADING (ask later) or NO_SLOT
     def unpin(self, adapter_key: str) -> None: ...
+    def is_pinned(self, adapter_key: str) -> bool: ...
 
 
 @dataclass
@@ -40,6 +44,7 @@ class Scheduler:
     adapters: AdapterPins
     max_num_seqs: int
     max_num_batched_tokens: int
+    max_slot_wait_steps: int = 16    # then requests behind one that waits for a slot hold back
     waiting: deque[Sequence] = field(default_factory=deque)
     running: list[Sequence] = field(default_factory=list)
     num_preemptions: int = 0
@@ -78,26 +83,46 @@ class Scheduler:
         return preempted
 
     def _admit_waiting(self, items, budget: int) -> None:
-        """FCFS, except that a request whose adapter cannot take a slot yet is passed
-        over (it keeps its place) so it does not block requests for resident adapters."""
+        """FCFS, with two exceptions that keep adapters from blocking each other unfairly.
+        A request whose adapter is still loading is passed over (it keeps its place), so
+        it does not block requests for resident adapters. A request that finds every slot
+        pinned is passed over too, and while it waits, later requests may only join
+        adapters that are already pinned (they cost no slot); once it has waited
+        max_slot_wait_steps steps, later adapter requests hold back entirely, running
+        ones drain, a slot comes free and it gets it: no adapter starves."""
         skipped: list[Sequence] = []
+        blocked: Sequence | None = None        # the oldest request waiting for a slot
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hits = self.blocks.match_prefix(seq)
             n = min(seq.num_tokens - len(hits) * self.blocks.block_size, budget)
             if not self.blocks.can_admit(seq, hits, n):
                 break
-            if seq.adapter_key is not None and not self.adapters.try_pin(seq.adapter_key):
+            if seq.adapter_key is not None and not self._pin(seq, blocked):
+                if blocked is None and seq.slot_wait_steps:
+                    blocked = seq
                 skipped.append(self.waiting.popleft())
                 continue
             self.waiting.popleft()
             self.blocks.admit(seq, hits)
             self.blocks.allocate(seq, n)
             seq.status = SequenceStatus.RUNNING
+            seq.slot_wait_steps = 0
             self.running.append(seq)
             items.append((seq, n))
             budget -= n
         self.waiting.extendleft(reversed(skipped))
+
+    def _pin(self, seq: Sequence, blocked: Sequence | None) -> bool:
+        key = seq.adapter_key
+        if blocked is not None:
+            starving = blocked.slot_wait_steps > self.max_slot_wait_steps
+            if starving or not self.adapters.is_pinned(key):
+                return False
+        pin = self.adapters.try_pin(key)
+        if pin == NO_SLOT:
+            seq.slot_wait_steps += 1
+        return pin == PINNED
 
     def preempt(self, seq: Sequence) -> None:
         """Recompute later: drop its KV, keep its tokens, and put it first in line."""

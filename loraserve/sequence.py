@@ -26,6 +26,7 @@ class Sequence:
     num_cached_tokens: int = 0         # of those, how many came from the prefix cache
     block_table: list[int] = field(default_factory=list)
     num_preemptions: int = 0
+    slot_wait_steps: int = 0           # steps spent waiting for a free adapter slot
     finish_reason: str | None = None
     state: Any = None                  # engine-side per-request state (detokenizer, rng)
 

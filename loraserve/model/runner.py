@@ -71,9 +71,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, inputs: list[StepInput]) -> tuple[list[Sequence], torch.Tensor]:
-        """Prefill chunks (several tokens) are packed first, then decodes (one token)."""
-        prefill = [i for i in inputs if i.num_tokens > 1]
-        decode = [i for i in inputs if i.num_tokens == 1]
+        """Prefill chunks (several tokens) are packed first, then decodes (one token), each
+        group ordered by adapter slot so LoRA segments are contiguous runs of tokens."""
+        by_slot = sorted(inputs, key=lambda i: i.slot)
+        prefill = [i for i in by_slot if i.num_tokens > 1]
+        decode = [i for i in by_slot if i.num_tokens == 1]
         ordered = prefill + decode
         ids, positions, slots, token_slots, sample_idx, sample_seqs = [], [], [], [], [], []
         for item in ordered:

@@ -161,7 +161,9 @@ def test_bad_adapters_are_refused_by_name(tiny, tmp_path):
     (dora / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(AdapterRejected, match="DoRA|dora"):
         llm.add_adapter("dora", str(dora))
-    assert "evil" not in llm.engine.adapter_keys and "bad_shape" not in llm.engine.adapter_keys
+    for name in ("evil", "big", "bad_shape", "dora"):
+        with pytest.raises(AdapterNotFound):                # nothing was stored
+            llm.engine.store.resolve("default", name)
 
 
 def test_abort_frees_everything(tiny):

@@ -14,10 +14,15 @@ class FakePins:
         self.slots, self.loading, self.pins = slots, set(loading), Counter()
 
     def try_pin(self, key):
-        if key in self.loading or (key not in self.pins and len(self.pins) >= self.slots):
-            return False
+        if key in self.loading:
+            return "loading"
+        if key not in self.pins and len(self.pins) >= self.slots:
+            return "no_slot"
         self.pins[key] += 1
-        return True
+        return "pinned"
+
+    def is_pinned(self, key):
+        return key in self.pins
 
     def unpin(self, key):
         self.pins[key] -= 1
@@ -94,7 +99,30 @@ def test_at_most_max_loras_distinct_adapters_per_step():
     batch = step(sched)
     adapters = {s.adapter_key for s, _ in batch.items if s.adapter_key}
     assert adapters == {"a", "b"}
-    assert [s.adapter_key for s in sched.waiting] == ["c"]      # kept its place, did not block others
+    # c found every slot pinned and waits; a later request for the pinned adapter a
+    # costs no slot and joins, and so does the base-model request
+    assert [s.adapter_key for s in sched.waiting] == ["c"]
+    assert sorted(str(s.adapter_key) for s, _ in batch.items) == ["None", "a", "a", "b"]
+
+
+def test_an_adapter_waiting_for_a_slot_is_not_starved():
+    """Steady traffic for resident adapters must not keep a third adapter out forever."""
+    sched, pins = make(max_seqs=8, pins=FakePins(slots=2))
+    for i in range(4):
+        sched.add(seq(i, 2, "ab"[i % 2]))
+    step(sched)
+    late = seq(99, 2, "c")
+    sched.add(late)
+    for i in range(40):
+        sched.add(seq(100 + i, 2, "ab"[i % 2]))             # more traffic for a and b
+        step(sched)
+        for s in list(sched.running):
+            if len(s.output_token_ids) >= 3:
+                sched.finish(s, "length")
+        if late.status is SequenceStatus.RUNNING:
+            break
+    assert late.status is SequenceStatus.RUNNING, "the adapter that waited longest never got a slot"
+    assert i <= sched.max_slot_wait_steps + 5
 
 
 def test_loading_adapter_does_not_block_resident_ones():

@@ -1,4 +1,4 @@
-"""Which adapter sits in which device slot, and which may be evicted.
+"""The device tier: which adapter sits in which slot, and which may be evicted.
 
 A running request pins its adapter's slot; an adapter that no request pins stays
 resident (a later request for it is free) until a slot is needed, then the least
@@ -7,11 +7,18 @@ recently used unpinned one is evicted. Slot -1 means "no adapter" and is never s
 
 from __future__ import annotations
 
+import enum
 from collections import Counter, OrderedDict
 from typing import Callable
 
 
-class AdapterSlots:
+class Pin(str, enum.Enum):
+    PINNED = "pinned"      # resident now, and held for the request
+    LOADING = "loading"    # its weights are still being read: ask again on a later step
+    NO_SLOT = "no_slot"    # every slot is pinned by running requests
+
+
+class DeviceSlots:
     def __init__(self, max_loras: int, write_slot: Callable[[int, object], None],
                  fetch: Callable[[str], object | None]):
         """write_slot(slot, adapter) copies weights to the device; fetch(key) returns
@@ -27,14 +34,22 @@ class AdapterSlots:
         self.num_evictions = 0
         self.num_hits = 0
 
-    def try_pin(self, key: str) -> bool:
+    def try_pin(self, key: str) -> Pin:
         if key in self.slot_of:
             self.num_hits += 1
-        elif not self._load(key):
-            return False
+        else:
+            adapter = self.fetch(key)          # starts a background load when needed
+            if adapter is None:
+                return Pin.LOADING
+            if not self.free and not self.unpinned:
+                return Pin.NO_SLOT
+            self._load(key, adapter)
         self.pins[key] += 1
         self.unpinned.pop(key, None)
-        return True
+        return Pin.PINNED
+
+    def is_pinned(self, key: str) -> bool:
+        return key in self.pins
 
     def unpin(self, key: str) -> None:
         self.pins[key] -= 1
@@ -46,8 +61,8 @@ class AdapterSlots:
         return -1 if key is None else self.slot_of[key]
 
     def drop(self, key: str) -> None:
-        """Forget a resident adapter that no request pins (its weights changed or it was
-        deleted); a pinned one stays until its requests end."""
+        """Forget a resident adapter that no request pins (deleted, or replaced by an
+        in-place load); a pinned one stays until its requests end."""
         if key in self.slot_of and key not in self.pins:
             self.unpinned.pop(key, None)
             self.free.append(self.slot_of.pop(key))
@@ -56,13 +71,8 @@ class AdapterSlots:
     def num_used(self) -> int:
         return len(self.slot_of)
 
-    def _load(self, key: str) -> bool:
-        adapter = self.fetch(key)
-        if adapter is None:
-            return False
+    def _load(self, key: str, adapter) -> None:
         if not self.free:
-            if not self.unpinned:
-                return False
             victim, _ = self.unpinned.popitem(last=False)
             self.free.append(self.slot_of.pop(victim))
             self.num_evictions += 1
@@ -70,4 +80,3 @@ class AdapterSlots:
         self.write_slot(slot, adapter)
         self.slot_of[key] = slot
         self.num_loads += 1
-        return True

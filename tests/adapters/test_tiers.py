@@ -1,0 +1,103 @@
+"""CPU tier (LRU, background loads, failures) and device slots (pins, LRU eviction)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+from loraserve.adapters import CpuTier, DeviceSlots, Pin
+
+
+@dataclass(frozen=True)
+class Rec:
+    key: str
+    tenant: str = "t"
+    name: str = "n"
+    version: int = 1
+
+
+@dataclass
+class Weights:
+    rank: int = 8
+
+
+def wait_loaded(tier: CpuTier, rec, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = tier.get(rec)
+        if got is not None:
+            return got
+        tier.wait(0.05)
+    raise AssertionError(f"{rec.key} never loaded")
+
+
+def test_cpu_tier_loads_in_background_and_keeps_lru():
+    loads = []
+    tier = CpuTier(lambda r: loads.append(r.key) or Weights(), max_entries=2)
+    a, b, c = Rec("a"), Rec("b"), Rec("c")
+    assert tier.get(a) is None                       # not there yet: a load was queued
+    wait_loaded(tier, a)
+    wait_loaded(tier, b)
+    tier.get(a)                                      # a is now more recent than b
+    wait_loaded(tier, c)                             # evicts b, the least recently used
+    assert tier.keys() == ["a", "c"]
+    assert loads == ["a", "b", "c"] and tier.num_loads == 3 and tier.num_hits >= 3
+    assert tier.load_seconds_total > 0
+
+
+def test_cpu_tier_get_never_blocks_on_a_slow_load():
+    gate = threading.Event()
+    tier = CpuTier(lambda r: Weights(), max_entries=4)
+    tier.before_load = lambda r: gate.wait(5) if r.key == "slow" else None
+    start = time.monotonic()
+    assert tier.get(Rec("slow")) is None
+    assert tier.get(Rec("slow")) is None             # asked again: still loading, one load queued
+    assert time.monotonic() - start < 0.5
+    gate.set()
+    wait_loaded(tier, Rec("slow"))
+    assert tier.num_loads == 1
+
+
+def test_cpu_tier_reports_failed_loads_once():
+    def load(r):
+        raise FileNotFoundError("gone")
+    tier = CpuTier(load, max_entries=2)
+    tier.get(Rec("x"))
+    deadline = time.monotonic() + 5
+    failures = {}
+    while not failures and time.monotonic() < deadline:
+        tier.wait(0.05)
+        failures = tier.take_failures()
+    assert "gone" in failures["x"] and tier.take_failures() == {}
+
+
+def slots_with(loaded: dict, max_loras=2):
+    writes = []
+    slots = DeviceSlots(max_loras, lambda slot, w: writes.append(slot), loaded.get)
+    return slots, writes
+
+
+def test_device_slots_pin_evict_lru_unpinned():
+    slots, writes = slots_with({"a": Weights(), "b": Weights(), "c": Weights()})
+    assert slots.try_pin("a") is Pin.PINNED and slots.try_pin("b") is Pin.PINNED
+    assert slots.try_pin("c") is Pin.NO_SLOT         # both pinned
+    slots.unpin("a")
+    assert slots.try_pin("c") is Pin.PINNED          # evicts a
+    assert "a" not in slots.slot_of and slots.num_evictions == 1
+    assert slots.slot("c") == 0 and slots.slot(None) == -1
+    slots.unpin("b")
+    slots.unpin("c")
+    assert slots.try_pin("b") is Pin.PINNED and slots.num_hits == 1   # still resident: no copy
+    assert len(writes) == 3
+
+
+def test_device_slots_loading_and_drop():
+    slots, _ = slots_with({"a": Weights()})
+    assert slots.try_pin("missing") is Pin.LOADING
+    assert slots.try_pin("a") is Pin.PINNED
+    slots.drop("a")                                  # pinned: stays
+    assert "a" in slots.slot_of
+    slots.unpin("a")
+    slots.drop("a")
+    assert "a" not in slots.slot_of and len(slots.free) == 2
