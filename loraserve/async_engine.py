@@ -123,8 +123,8 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             try:
-                outputs = self.engine.step()
-            except Exception as e:                  # a step failed: fail its requests, keep serving
+                outputs = self.engine.step()        # fails only the requests a fault touches
+            except Exception as e:                  # the engine's own bookkeeping broke
                 log.exception("engine step failed")
                 self._fail_all(e)
                 continue

@@ -159,30 +159,45 @@ class LLMEngine:
 
     # -- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """One engine step. A failure fails only the requests it touched: an exception in
+        the forward pass fails that step's batch, one in a request's post-processing
+        fails that request; everything else keeps running."""
         failed = self._fail_unloadable()
         batch = self.scheduler.schedule()
         if not batch.items:
             if self.scheduler.waiting:
                 self.adapters.cpu.wait(0.05)    # adapters still loading: sleep, do not spin
             return failed
-        inputs = [StepInput(seq, n, self.slots.slot(seq.adapter_key)) for seq, n in batch.items]
-        seqs, logits = self.runner.run(inputs)
-        self.scheduler.advance(batch)
-        samples = self.sampler(logits, [self._sample_request(s) for s in seqs]) if seqs else []
-        return failed + [self._append(seq, sample) for seq, sample in zip(seqs, samples)]
+        try:
+            inputs = [StepInput(seq, n, self.slots.slot(seq.adapter_key)) for seq, n in batch.items]
+            seqs, logits = self.runner.run(inputs)
+            self.scheduler.advance(batch)
+            samples = self.sampler(logits, [self._sample_request(s) for s in seqs]) if seqs else []
+        except Exception as e:
+            log.exception("engine step failed; failing its %d requests", len(batch.items))
+            return failed + [self._fail(seq, f"internal error: {e}") for seq, _ in batch.items]
+        return failed + [self._append_or_fail(seq, sample) for seq, sample in zip(seqs, samples)]
+
+    def _append_or_fail(self, seq: Sequence, sample: Sample) -> RequestOutput:
+        try:
+            return self._append(seq, sample)
+        except Exception as e:
+            log.exception("post-processing request %s failed", seq.state.output.request_id)
+            return self._fail(seq, f"internal error: {e}")
+
+    def _fail(self, seq: Sequence, message: str) -> RequestOutput:
+        out = seq.state.output
+        out.finish_reason, out.error = "error", message
+        self._end(seq, "error")
+        return out
 
     def _fail_unloadable(self) -> list[RequestOutput]:
         """Requests whose adapter could not be read (deleted, corrupted) end with an error."""
         failures = self.adapters.cpu.take_failures()
         if not failures:
             return []
-        outs = []
-        for seq in [s for s in self.scheduler.waiting if s.adapter_key in failures]:
-            out = seq.state.output
-            out.finish_reason, out.error = "error", failures[seq.adapter_key]
-            self._end(seq, "error")
-            outs.append(out)
-        return outs
+        return [self._fail(seq, failures[seq.adapter_key])
+                for seq in [s for s in self.scheduler.waiting if s.adapter_key in failures]]
 
     def _end(self, seq: Sequence, reason: str) -> None:
         self.scheduler.finish(seq, reason)

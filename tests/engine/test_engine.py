@@ -227,3 +227,43 @@ def test_async_engine_streams_and_aborts(tiny):
     sync = llm.generate(["stream me"], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
                         adapters="r8", use_tqdm=False)[0]
     assert [t for d in deltas for t in d] == sync.token_ids
+
+
+def test_a_failing_request_fails_alone(tiny, monkeypatch):
+    """An exception while post-processing one request ends that request with an error;
+    the others finish normally and nothing leaks."""
+    llm, _ = tiny
+    engine = llm.engine
+    victim = engine.add_request("victim", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    others = [engine.add_request(f"other {i}", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), a)
+              for i, a in enumerate(["r4", None])]
+    original = engine._append
+
+    def explode(seq, sample):
+        if seq.state.output.request_id == victim and len(seq.output_token_ids) == 2:
+            raise RuntimeError("boom")
+        return original(seq, sample)
+
+    monkeypatch.setattr(engine, "_append", explode)
+    final = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    assert final[victim].finish_reason == "error" and "boom" in final[victim].error
+    assert all(final[r].finish_reason == "length" for r in others)
+    assert_idle(llm)
+
+
+def test_a_failing_forward_pass_fails_its_batch_only(tiny, monkeypatch):
+    llm, _ = tiny
+    engine = llm.engine
+    first = engine.add_request("first", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    real_run = engine.runner.run
+    monkeypatch.setattr(engine.runner, "run", lambda inputs: (_ for _ in ()).throw(RuntimeError("kernel fault")))
+    outs = engine.step()
+    assert [o.finish_reason for o in outs] == ["error"] and outs[0].request_id == first
+    monkeypatch.setattr(engine.runner, "run", real_run)
+    later = llm.generate(["later"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)[0]
+    assert later.finish_reason == "length"
+    assert_idle(llm)
