@@ -24,12 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except ImportError:                                # CPU installs without triton
-    HAS_TRITON = False
+from .triton_support import HAS_TRITON, dot_dtype, kernel, tl, triton
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -225,25 +220,6 @@ def _paged_prefill_kernel(
 # ---------------------------------------------------------------------------------------
 # Launchers: the torch functions' signatures, with the contract asserted.
 
-@functools.cache
-def _jit(fn, interpret: bool):
-    """triton.jit at first launch rather than at import: triton picks the interpreter when
-    a kernel is decorated, and TRITON_INTERPRET may be set after this module is imported."""
-    return triton.jit(fn)
-
-
-def _kernel(fn):
-    return _jit(fn, bool(triton.knobs.runtime.interpret))
-
-
-def _dot_dtype(dtype: torch.dtype):
-    """Operand type of tl.dot. The interpreter multiplies bf16 operands as raw uint16, so
-    there every dot runs in fp32."""
-    if triton.knobs.runtime.interpret or dtype == torch.float32:
-        return tl.float32
-    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
-
-
 def _block_n(dtype: torch.dtype) -> int:
     """Keys per tile: 64, or 32 for fp32 so a prefill tile's shared memory fits an A100."""
     return 32 if dtype == torch.float32 else 64
@@ -267,7 +243,7 @@ def store_kv_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
     assert slot_mapping.shape == (T,) and not slot_mapping.is_floating_point()
     if T == 0:
         return
-    _kernel(_store_kv_kernel)[(T,)](
+    kernel(_store_kv_kernel)[(T,)](
         k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         NUM_KV_HEADS=H_kv, HEAD_DIM=D, BLOCK=triton.next_power_of_2(H_kv * D),
@@ -300,13 +276,13 @@ def paged_attention_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     if B == 0:
         return out
     H_kv, block_size = k_cache.shape[2], k_cache.shape[1]
-    _kernel(_paged_decode_kernel)[(B, H_kv)](
+    kernel(_paged_decode_kernel)[(B, H_kv)](
         out, q, k_cache, v_cache, block_tables, context_lens,
         scale * math.log2(math.e), q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0),
         NUM_KV_HEADS=H_kv, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=D, D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_SIZE=block_size,
-        BLOCK_N=_block_n(q.dtype), DOT_DTYPE=_dot_dtype(q.dtype),
+        BLOCK_N=_block_n(q.dtype), DOT_DTYPE=dot_dtype(q.dtype),
     )
     return out
 
@@ -328,13 +304,13 @@ def paged_attention_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cac
     tile_tokens = block_r // group
     num_tiles, tiles = _prefill_tiles(tuple(query_lens), tuple(context_lens), tile_tokens, q.device)
     tile_seqs, tile_starts, q_starts, ctx_lens = tiles
-    _kernel(_paged_prefill_kernel)[(num_tiles, H_kv)](
+    kernel(_paged_prefill_kernel)[(num_tiles, H_kv)](
         out, q, k_cache, v_cache, block_tables, tile_seqs, tile_starts, q_starts, ctx_lens,
         scale * math.log2(math.e), q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0),
         NUM_KV_HEADS=H_kv, GROUP=group, TILE_TOKENS=tile_tokens, BLOCK_R=block_r,
         HEAD_DIM=D, D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_SIZE=block_size,
-        BLOCK_N=_block_n(q.dtype), DOT_DTYPE=_dot_dtype(q.dtype),
+        BLOCK_N=_block_n(q.dtype), DOT_DTYPE=dot_dtype(q.dtype),
     )
     return out
 

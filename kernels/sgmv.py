@@ -28,12 +28,7 @@ import torch
 
 from .lora_meta import SGMV_BLOCK_M, LoRAMeta
 
-try:
-    import triton
-    import triton.language as tl
-    HAS_TRITON = True
-except ImportError:                                # CPU installs without triton
-    HAS_TRITON = False
+from .triton_support import HAS_TRITON, dot_dtype, kernel, tl, triton
 
 
 def add_lora_ref(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
@@ -243,25 +238,6 @@ def _bgmv_expand_kernel(
 # Launchers: check the contract, pick block sizes, launch. The grid depends only on tensor
 # shapes (never on values read back from the device), so a launch can be graph-captured.
 
-@functools.cache
-def _jit(fn, interpret: bool):
-    """triton.jit at first launch rather than at import: triton picks the interpreter when
-    a kernel is decorated, and TRITON_INTERPRET may be set after this module is imported."""
-    return triton.jit(fn)
-
-
-def _kernel(fn):
-    return _jit(fn, bool(triton.knobs.runtime.interpret))
-
-
-def _dot_dtype(dtype: torch.dtype):
-    """Operand type of tl.dot. The interpreter multiplies bf16 operands as raw uint16, so
-    there every dot runs in fp32 (products of bf16/fp16 values are exact in fp32)."""
-    if triton.knobs.runtime.interpret or dtype == torch.float32:
-        return tl.float32
-    return tl.bfloat16 if dtype == torch.bfloat16 else tl.float16
-
-
 def _split_k(programs: int, in_features: int, block_k: int) -> int:
     """Split the reduction when there are too few programs to fill the device (a decode
     step with one adapter is a handful of blocks streaming all of A)."""
@@ -319,13 +295,13 @@ def sgmv_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta) -> torch.Tenso
     block_k = 256 if interpret else 64
     grid_n = triton.cdiv(r_max * n_proj, block_n)
     split_k = _split_k(num_blocks * grid_n, in_features, block_k)
-    _kernel(_sgmv_shrink_kernel)[(num_blocks, grid_n, split_k)](
+    kernel(_sgmv_shrink_kernel)[(num_blocks, grid_n, split_k)](
         x, A, v,
         meta.sorted_token_idx, meta.seg_starts, meta.seg_slots, meta.slot_ranks,
         meta.block_segs, meta.block_starts,
         in_features, x.stride(0), A.stride(0), A.stride(1), v.stride(0),
         N_PROJ=n_proj, BLOCK_M=SGMV_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        DOT_DTYPE=_dot_dtype(x.dtype), PRECISION="ieee",
+        DOT_DTYPE=dot_dtype(x.dtype), PRECISION="ieee",
     )
     return v
 
@@ -344,13 +320,13 @@ def sgmv_expand(y: torch.Tensor, v: torch.Tensor, Bs: list[torch.Tensor],
     max_out = max(size for _, size in out_slices)
     block_n = min(1024, triton.next_power_of_2(max_out)) if interpret else 64
     b = list(Bs) + [Bs[0]] * (3 - n_proj)
-    _kernel(_sgmv_expand_kernel)[(num_blocks, n_proj, triton.cdiv(max_out, block_n))](
+    kernel(_sgmv_expand_kernel)[(num_blocks, n_proj, triton.cdiv(max_out, block_n))](
         y, v, b[0], b[1], b[2], proj,
         meta.sorted_token_idx, meta.seg_starts, meta.seg_slots, meta.slot_ranks,
         meta.block_segs, meta.block_starts,
         y.stride(0), v.stride(0),
         N_PROJ=n_proj, BLOCK_M=SGMV_BLOCK_M, BLOCK_N=block_n, BLOCK_K=64 if interpret else 16,
-        DOT_DTYPE=_dot_dtype(Bs[0].dtype), PRECISION="ieee",
+        DOT_DTYPE=dot_dtype(Bs[0].dtype), PRECISION="ieee",
     )
     return y
 
@@ -368,7 +344,7 @@ def bgmv_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta) -> torch.Tenso
     block_k = 256 if interpret else 64
     grid_n = triton.cdiv(r_max * n_proj, block_n)
     split_k = _split_k(T * grid_n, in_features, block_k)
-    _kernel(_bgmv_shrink_kernel)[(T, grid_n, split_k)](
+    kernel(_bgmv_shrink_kernel)[(T, grid_n, split_k)](
         x, A, v, meta.token_slots, meta.slot_ranks,
         in_features, x.stride(0), A.stride(0), A.stride(1), v.stride(0),
         N_PROJ=n_proj, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
@@ -387,7 +363,7 @@ def bgmv_expand(y: torch.Tensor, v: torch.Tensor, Bs: list[torch.Tensor],
     max_out = max(size for _, size in out_slices)
     block_n = min(1024, triton.next_power_of_2(max_out)) if interpret else 128
     b = list(Bs) + [Bs[0]] * (3 - n_proj)
-    _kernel(_bgmv_expand_kernel)[(y.shape[0], n_proj, triton.cdiv(max_out, block_n))](
+    kernel(_bgmv_expand_kernel)[(y.shape[0], n_proj, triton.cdiv(max_out, block_n))](
         y, v, b[0], b[1], b[2], proj, meta.token_slots, meta.slot_ranks,
         y.stride(0), v.stride(0),
         N_PROJ=n_proj, BLOCK_N=block_n, BLOCK_K=16,
