@@ -102,3 +102,17 @@ def test_prefix_cache_hits_match_peft(model_and_oracle):
     assert llm.engine.stats()["prefix_cache_hits"] > hits_before
     assert any(o.num_cached_tokens > 0 for o in outs)
     check_against_oracle(oracle, outs, logits, plan)
+
+
+def test_same_prompt_under_two_adapters_never_shares_kv(model_and_oracle):
+    """Adapter A then adapter B on one prompt: B gets its own reference output, and no
+    block computed under A is reused; the same adapter twice hits the cache."""
+    base_dir, adapters, oracle = model_and_oracle
+    llm = make_llm(base_dir, adapters, block_size=4)
+    prompt = [PROMPTS[3]]
+    run_and_record(llm, prompt, ["r8"], GREEDY)
+    outs, logits = run_and_record(llm, prompt, ["r16_rslora"], GREEDY)
+    assert outs[0].num_cached_tokens == 0
+    check_against_oracle(oracle, outs, logits, ["r16_rslora"])
+    again, _ = run_and_record(llm, prompt, ["r16_rslora"], GREEDY)
+    assert again[0].num_cached_tokens > 0 and again[0].token_ids == outs[0].token_ids
