@@ -66,10 +66,10 @@ def add_lora_grouped(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list
     for p, ((off, size), B) in enumerate(zip(out_slices, Bs)):
         b = B[:, :r]
         b = b if meta.rows_are_all_slots else b.index_select(0, meta.row_slots_t)
-        out = torch.bmm(v[..., p], b).view(-1, size)                   # [R * row_len, out_p]
-        if meta.rows_are_tokens:
-            y[:, off : off + size] += out
+        if meta.rows_are_tokens:                   # accumulate straight into y's columns
+            y[:, off : off + size].view(num_rows, row_len, size).baddbmm_(v[..., p], b)
             continue
+        out = torch.bmm(v[..., p], b).view(-1, size)                   # [R * row_len, out_p]
         if not meta.all_tokens_have_lora:                              # no-adapter tokens read a zero cell
             out = torch.cat([out, out.new_zeros(1, size)])
         y[:, off : off + size] += out.index_select(0, meta.inv_idx)    # back to token order
