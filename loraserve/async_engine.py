@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
 from .config import EngineConfig
-from .engine import LLMEngine
+from .engine import DEFAULT_TENANT, LLMEngine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -72,17 +72,23 @@ class AsyncEngine:
         return await future
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, adapter: str | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None,
+                       tenant: str = DEFAULT_TENANT) -> AsyncIterator[RequestOutput]:
         """Yields a RequestOutput each time the request advances; the last is finished.
-        Invalid requests raise before the first yield."""
+        `adapter` is a store reference in the tenant's view. Invalid requests raise
+        before the first yield; a caller that stops early aborts the request."""
         request_id = request_id or f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
 
         def add(engine: LLMEngine):
-            engine.add_request(prompt, params, adapter, request_id)
+            engine.add_request(prompt, params, adapter, request_id, tenant)
             self._streams[request_id] = stream
 
-        await self.call(add)
+        try:
+            await self.call(add)
+        except asyncio.CancelledError:  # the add may still run on the loop: abort after it
+            self.abort(request_id)
+            raise
         finished = False
         try:
             while True:

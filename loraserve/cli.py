@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
     gen.add_argument("-v", "--verbose", action="store_true", help="log engine set-up")
     add_engine_args(gen)
+    from loraserve.api.cli import add_keys_parser, add_serve_parser
+
+    add_serve_parser(sub, add_engine_args, parse_adapter)
+    add_keys_parser(sub)
     return parser
 
 
@@ -98,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "serve":
+            from loraserve.api.cli import run_serve
+            return run_serve(args, engine_config)
+        if args.command == "keys":
+            from loraserve.api.cli import run_keys
+            return run_keys(args)
     except (ValueError, KeyError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -260,6 +260,7 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "adapter_slots_total": self.slots.max_loras,
             "adapter_slots_used": self.slots.num_used,
+            "adapter_slots_pinned": len(self.slots.pins),
             "adapter_loads": self.slots.num_loads,
             "adapter_evictions": self.slots.num_evictions,
             "adapter_load_seconds_total": self.adapters.cpu.load_seconds_total,

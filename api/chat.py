@@ -1,0 +1,111 @@
+"""POST /v1/chat/completions: OpenAI's chat completions, plain or streamed (SSE).
+
+The messages go through the model's chat template exactly as LLM.chat does, so an
+answer here equals the offline engine's for the same messages and parameters.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import APIRouter, Depends, Request
+
+from .auth import Caller, authenticate
+from .context import ServeContext
+from .errors import APIError
+from .generation import Choice
+from .logprobs import chat_logprobs
+from .model_names import resolve_target
+from .openai_models import ChatCompletionRequest
+from .sampling import check_length, refuse_unsupported, sampling_params
+from .serving import generate_response
+
+router = APIRouter()
+
+
+def refuse_chat_unsupported(body: ChatCompletionRequest) -> None:
+    if body.tools or body.functions:
+        raise APIError(400, "tools and function calling are not supported by this server; remove tools/functions",
+                       "tools" if body.tools else "functions")
+    if body.tool_choice not in (None, "none") or body.function_call not in (None, "none"):
+        raise APIError(400, "tool_choice/function_call are not supported by this server; remove them", "tool_choice")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise APIError(400, f"response_format {body.response_format.type!r} is not supported (no constrained "
+                            "decoding); use {'type': 'text'} or leave it out", "response_format")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    if body.max_tokens is not None and body.max_completion_tokens is not None \
+            and body.max_tokens != body.max_completion_tokens:
+        raise APIError(400, "max_tokens and max_completion_tokens disagree; send one of them", "max_tokens")
+
+
+@router.post("/v1/chat/completions", tags=["openai"],
+             summary="Create a chat completion (OpenAI shape; stream: true for SSE)")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request, caller: Caller = Depends(authenticate)):
+    request.state.arrival = time.monotonic()
+    ctx: ServeContext = request.app.state.ctx
+    refuse_unsupported(body)
+    refuse_chat_unsupported(body)
+    if body.n > ctx.settings.max_n:
+        raise APIError(400, f"n is at most {ctx.settings.max_n} on this server, got {body.n}", "n")
+    target = await resolve_target(ctx.store, caller, body.model, ctx.model_id, ctx.base_names)
+    request.state.adapter = target.label   # the request counter's label
+    ids = await ctx.prompts.encode_chat(body.messages)
+    wanted = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    max_tokens = check_length(len(ids), wanted, ctx.max_model_len, "messages")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = sampling_params(body, max_tokens, logprobs)
+    choices = [Choice(j, ids, params[j]) for j in range(body.n)]
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    renderer = ChatRenderer(ctx, request_id, body.model, logprobs, include_usage)
+    return await generate_response(request, ctx, request_id, target, choices, [len(ids)],
+                                   body.stream, include_usage, renderer)
+
+
+class ChatRenderer:
+    def __init__(self, ctx: ServeContext, request_id: str, model: str, logprobs: int | None, include_usage: bool):
+        self.ctx = ctx
+        self.request_id = request_id
+        self.model = model
+        self.logprobs = logprobs
+        self.include_usage = include_usage
+        self.created = int(time.time())
+
+    def _logprobs(self, lps) -> dict | None:
+        if self.logprobs is None or lps is None:
+            return None
+        return chat_logprobs(lps, self.ctx.prompts.token_text, self.logprobs)
+
+    def final(self, choices: list[Choice], usage: dict) -> dict:
+        return {"id": self.request_id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": c.index,
+                             "message": {"role": "assistant", "content": c.out.text, "refusal": None},
+                             "logprobs": self._logprobs(c.out.logprobs), "finish_reason": c.out.finish_reason}
+                            for c in choices],
+                "usage": usage, "system_fingerprint": None}
+
+    def _chunk(self, choices: list[dict], **extra) -> dict:
+        chunk = {"id": self.request_id, "object": "chat.completion.chunk", "created": self.created,
+                 "model": self.model, "choices": choices, "system_fingerprint": None}
+        if self.include_usage:
+            chunk["usage"] = None
+        chunk.update(extra)
+        return chunk
+
+    def opening(self, choices: list[Choice]) -> list[dict]:
+        return [self._chunk([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}]) for c in choices]
+
+    def delta(self, c: Choice, out) -> list[dict]:
+        new_lps = out.logprobs[c.num_sent_tokens:] if out.logprobs is not None else None
+        c.num_sent_tokens = len(out.token_ids)
+        if not out.delta_text and not out.finished and not new_lps:
+            return []
+        delta = {"content": out.delta_text} if out.delta_text or not out.finished else {}
+        return [self._chunk([{"index": c.index, "delta": delta, "logprobs": self._logprobs(new_lps),
+                              "finish_reason": out.finish_reason}])]
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return self._chunk([], usage=usage)

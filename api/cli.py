@@ -1,0 +1,130 @@
+"""`loraserve serve` and `loraserve keys`: their flags, and what they run.
+
+loraserve/cli.py registers these subparsers; engine flags come from its add_engine_args,
+so --model, --max-loras, --max-num-seqs and the rest mean the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import sys
+import time
+
+from .settings import DEFAULT_TENANT, ServerSettings
+
+log = logging.getLogger("loraserve.api")
+
+
+def add_serve_parser(sub, add_engine_args, parse_adapter) -> None:
+    p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
+                       description="Serve one base model and its LoRA adapters over an OpenAI-compatible HTTP API "
+                                   "(/v1/completions, /v1/chat/completions, /v1/models, /v1/adapters, vLLM's "
+                                   "/v1/load_lora_adapter, /health, /metrics). With no arguments it serves the "
+                                   "embedded SmolLM2-135M-Instruct on 127.0.0.1:8000. SIGTERM drains and exits 0.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; a non-loopback "
+                   "address needs --api-keys or --allow-unauthenticated)")
+    p.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    p.add_argument("--adapter", action="append", type=parse_adapter, default=[], metavar="NAME=PATH",
+                   help="register a PEFT adapter directory (or hf://org/repo) at start-up as NAME, shared with "
+                        "every tenant; repeat for more")
+    p.add_argument("--api-keys", metavar="FILE", default=None,
+                   help="API key file made by `loraserve keys create` (keys map to tenants; hashes only). Changes "
+                        "are picked up without a restart. Without it the server is open, on loopback only")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="allow binding a non-loopback --host without --api-keys (anyone who reaches it is admin)")
+    p.add_argument("--max-queue", type=int, default=None, metavar="N",
+                   help="requests that may wait beyond --max-num-seqs running; past that new requests get "
+                        "429 with Retry-After at once (default: unbounded)")
+    p.add_argument("--max-adapter-bytes", type=int, default=512 << 20, metavar="BYTES",
+                   help="largest adapter upload, both PEFT files together (default: 536870912 = 512 MiB)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="on SIGTERM, how long running requests get to finish before they are aborted (default: 30)")
+    p.add_argument("--served-model-name", action="append", default=[], metavar="NAME",
+                   help="another name the base model answers to in the `model` field; repeatable")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="log verbosity (default: info)")
+    add_engine_args(p)
+
+
+def add_keys_parser(sub) -> None:
+    p = sub.add_parser("keys", help="create, list and revoke API keys",
+                       description="Manage the API key file a server reads with --api-keys. Keys are stored as "
+                                   "sha256 hashes; a new key is printed once. A running server picks up changes.")
+    keys = p.add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="make a key for a tenant and print it (once)")
+    create.add_argument("--file", required=True, help="the key file (created if missing)")
+    create.add_argument("--tenant", required=True, help="the tenant the key acts for (its adapter namespace)")
+    create.add_argument("--admin", action="store_true", help="an admin key: any tenant's adapters, server paths, "
+                        "shared adapters, /metrics")
+    listing = keys.add_parser("list", help="list key ids, tenants and roles (never the keys)")
+    listing.add_argument("--file", required=True, help="the key file")
+    revoke = keys.add_parser("revoke", help="revoke a key by its id (or the key itself)")
+    revoke.add_argument("--file", required=True, help="the key file")
+    revoke.add_argument("key", help="a key id from `keys list`, or the key")
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    return ServerSettings(host=args.host, port=args.port, api_keys=args.api_keys,
+                          allow_unauthenticated=args.allow_unauthenticated, max_queue=args.max_queue,
+                          max_adapter_bytes=args.max_adapter_bytes, drain_timeout=args.drain_timeout,
+                          served_model_names=tuple(args.served_model_name))
+
+
+def run_serve(args: argparse.Namespace, engine_config) -> int:
+    from loraserve.async_engine import AsyncEngine
+
+    from .server import run_server
+
+    logging.getLogger().setLevel(args.log_level.upper())
+    settings = settings_from_args(args)
+    settings.check_exposure()            # before the model loads: fail fast
+    engine = AsyncEngine(engine_config(args))
+    try:
+        store = engine.engine.store
+        store.max_adapter_bytes = settings.max_adapter_bytes
+        for name, source in args.adapter:
+            register_startup_adapter(store, name, source)
+        return run_server(engine, settings)
+    finally:
+        engine.shutdown()
+
+
+def register_startup_adapter(store, name: str, source: str) -> None:
+    """Register NAME as a shared adapter of the default tenant, unless that exact file
+    already is its newest version (a restart must not add a version each time)."""
+    weights = os.path.join(os.path.expanduser(source), "adapter_model.safetensors")
+    if os.path.isfile(weights):
+        with open(weights, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        try:
+            current = store.resolve(DEFAULT_TENANT, name)
+            if current.sha256 == digest and current.shared and current.tenant == DEFAULT_TENANT:
+                log.info("adapter %s: already registered as version %d", name, current.version)
+                return
+        except Exception:   # noqa: BLE001 - not registered yet, or not resolvable: register it
+            pass
+    record = store.register_source(DEFAULT_TENANT, name, source, shared=True)
+    log.info("adapter %s: registered version %d (rank %d, %s) from %s", name, record.version, record.rank,
+             ",".join(record.target_modules), source)
+
+
+def run_keys(args: argparse.Namespace) -> int:
+    from .keys import create_key, read_keys, revoke_key
+
+    if args.keys_command == "create":
+        key, entry = create_key(args.file, args.tenant, args.admin)
+        print(key, flush=True)   # alone on stdout, so KEY=$(loraserve keys create ...) works
+        print(f"{entry.id}: tenant {entry.tenant}{' (admin)' if entry.admin else ''}; the key is shown only now, "
+              f"{args.file} keeps its hash", file=sys.stderr)
+        return 0
+    if args.keys_command == "list":
+        for e in read_keys(args.file):
+            created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.created_at))
+            print(f"{e.id}\ttenant={e.tenant}\t{'admin' if e.admin else 'tenant'}\tcreated {created}")
+        return 0
+    for e in revoke_key(args.file, args.key):
+        print(f"revoked {e.id} (tenant {e.tenant})")
+    return 0

@@ -1,0 +1,126 @@
+"""POST /v1/completions: OpenAI's legacy completions, plain or streamed (SSE).
+
+`prompt` may be one text, a list of texts, token ids or a list of token-id lists; each
+prompt gets `n` choices, numbered prompt_index * n + choice_index as OpenAI does.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from fastapi import APIRouter, Depends, Request
+
+from .auth import Caller, authenticate
+from .context import ServeContext
+from .errors import APIError
+from .generation import Choice
+from .logprobs import completion_logprobs
+from .model_names import resolve_target
+from .openai_models import CompletionRequest
+from .sampling import check_length, refuse_unsupported, sampling_params
+from .serving import generate_response
+
+router = APIRouter()
+
+
+@router.post("/v1/completions", tags=["openai"], summary="Create a completion (OpenAI shape; stream: true for SSE)")
+async def create_completion(body: CompletionRequest, request: Request, caller: Caller = Depends(authenticate)):
+    request.state.arrival = time.monotonic()
+    ctx: ServeContext = request.app.state.ctx
+    refuse_unsupported(body)
+    if body.suffix:
+        raise APIError(400, "suffix is not supported by this server; remove it", "suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise APIError(400, f"best_of must equal n ({body.n}) on this server; remove it", "best_of")
+    if body.echo and body.logprobs is not None:
+        raise APIError(400, "echo with logprobs needs prompt logprobs, which this server does not compute; "
+                            "drop one of them", "echo")
+    if body.n > ctx.settings.max_n:
+        raise APIError(400, f"n is at most {ctx.settings.max_n} on this server, got {body.n}", "n")
+    target = await resolve_target(ctx.store, caller, body.model, ctx.model_id, ctx.base_names)
+    request.state.adapter = target.label   # the request counter's label
+    prompts = await _prompt_ids(ctx, body.prompt)
+    max_tokens = min(check_length(len(ids), body.max_tokens, ctx.max_model_len, "prompt") for ids in prompts)
+    params = sampling_params(body, max_tokens, body.logprobs)
+    choices = [Choice(p * body.n + j, ids, params[j]) for p, ids in enumerate(prompts) for j in range(body.n)]
+    echo = [ctx.prompts.decode(ids) if isinstance(raw, list) else raw
+            for raw, ids in zip(_as_list(body.prompt), prompts)] if body.echo else None
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    renderer = CompletionRenderer(ctx, request_id, body.model, body.n, echo, body.logprobs, include_usage)
+    return await generate_response(request, ctx, request_id, target, choices,
+                                   [len(ids) for ids in prompts], body.stream, include_usage, renderer)
+
+
+def _as_list(prompt) -> list:
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    return list(prompt)
+
+
+async def _prompt_ids(ctx: ServeContext, prompt) -> list[list[int]]:
+    prompts = _as_list(prompt)
+    if not prompts:
+        raise APIError(400, "prompt is empty; send a string, a list of strings, or token ids", "prompt")
+    if len(prompts) > ctx.settings.max_n * 8:
+        raise APIError(400, f"at most {ctx.settings.max_n * 8} prompts per request, got {len(prompts)}", "prompt")
+    out = []
+    for p in prompts:
+        ids = await ctx.prompts.encode_text(p) if isinstance(p, str) else list(p)
+        if not ids:
+            raise APIError(400, "a prompt is empty; every prompt needs at least one token", "prompt")
+        vocab = len(ctx.prompts.tokenizer)
+        if not all(0 <= t < vocab for t in ids):
+            raise APIError(400, f"prompt token ids must be integers in [0, {vocab})", "prompt")
+        out.append(ids)
+    return out
+
+
+class CompletionRenderer:
+    def __init__(self, ctx: ServeContext, request_id: str, model: str, n: int, echo: list[str] | None,
+                 logprobs: int | None, include_usage: bool):
+        self.ctx = ctx
+        self.request_id = request_id
+        self.model = model
+        self.n = n
+        self.echo = echo
+        self.logprobs = logprobs
+        self.include_usage = include_usage
+        self.created = int(time.time())
+
+    def _echo(self, c: Choice) -> str:
+        return self.echo[c.index // self.n] if self.echo else ""
+
+    def _envelope(self, choices: list[dict], **extra) -> dict:
+        body = {"id": self.request_id, "object": "text_completion", "created": self.created, "model": self.model,
+                "choices": choices, "system_fingerprint": None}
+        if self.include_usage:
+            body["usage"] = None   # OpenAI: null on every chunk but the last
+        body.update(extra)
+        return body
+
+    def final(self, choices: list[Choice], usage: dict) -> dict:
+        return self._envelope([self._choice(c.index, self._echo(c) + c.out.text, c.out.logprobs, c.out.finish_reason)
+                               for c in choices], usage=usage)
+
+    def _choice(self, index: int, text: str, logprobs, finish_reason) -> dict:
+        lp = None
+        if self.logprobs is not None and logprobs is not None:
+            lp = completion_logprobs(logprobs, self.ctx.prompts.token_text)
+        return {"index": index, "text": text, "logprobs": lp, "finish_reason": finish_reason}
+
+    def opening(self, choices: list[Choice]) -> list[dict]:
+        if not self.echo:
+            return []
+        return [self._envelope([self._choice(c.index, self._echo(c), None, None)]) for c in choices]
+
+    def delta(self, c: Choice, out) -> list[dict]:
+        new_lps = out.logprobs[c.num_sent_tokens:] if out.logprobs is not None else None
+        c.num_sent_tokens = len(out.token_ids)
+        if not out.delta_text and not out.finished and not new_lps:
+            return []
+        return [self._envelope([self._choice(c.index, out.delta_text, new_lps, out.finish_reason)])]
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return self._envelope([], usage=usage)

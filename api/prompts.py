@@ -1,0 +1,63 @@
+"""Prompts to token ids, exactly as the offline LLM makes them, off the event loop.
+
+Completions: `tokenizer.encode(text)` (what LLMEngine.encode does with a string).
+Chat: the chat template rendered with add_generation_prompt=True, then encoded without
+special tokens (what LLM.apply_chat_template does). Token ids are checked by the engine.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+
+from anyio import to_thread
+
+from .errors import APIError
+from .openai_models import ChatMessage
+
+
+class Prompts:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._lock = threading.Lock()   # one encode at a time: HF fast tokenizers are not re-entrant
+
+    async def encode_text(self, text: str) -> list[int]:
+        return await to_thread.run_sync(self._locked, self.tokenizer.encode, text)
+
+    async def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
+        conversation = [to_template_message(m) for m in messages]
+        return await to_thread.run_sync(self._locked, self._chat_ids, conversation)
+
+    def _chat_ids(self, conversation: list[dict]) -> list[int]:
+        try:
+            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        except Exception as e:   # a template that raises on this conversation (e.g. roles out of order)
+            raise APIError(400, f"the model's chat template rejected these messages ({e})", "messages") from None
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _locked(self, fn, *args):
+        with self._lock:
+            return fn(*args)
+
+    @functools.lru_cache(maxsize=65536)
+    def token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+
+def to_template_message(m: ChatMessage) -> dict:
+    """{"role", "content"} with text parts joined; other part types are refused."""
+    content = m.content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            text = getattr(part, "text", None)
+            if part.type != "text" or not isinstance(text, str):
+                raise APIError(400, f"message content part of type {part.type!r} is not supported; "
+                                    "send text parts ({'type': 'text', 'text': ...}) only", "messages")
+            texts.append(text)
+        content = "\n".join(texts)
+    role = "system" if m.role == "developer" else m.role
+    return {"role": role, "content": content or ""}

@@ -1,0 +1,69 @@
+"""An OpenAI request's sampling fields -> the engine's SamplingParams, one per choice.
+
+OpenAI's defaults where they differ from the engine's: temperature 1, top_p 1. With a
+seed and n > 1, choice i uses seed + i, so the choices differ and each is reproducible.
+"""
+
+from __future__ import annotations
+
+from loraserve.sampling_params import SamplingParams
+
+from .errors import APIError
+from .openai_models import _Sampling
+
+MAX_STOP = 4
+
+
+def refuse_unsupported(req: _Sampling) -> None:
+    if req.logit_bias:
+        raise APIError(400, "logit_bias is not supported by this server; remove it", "logit_bias")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
+    if isinstance(req.stop, list) and len(req.stop) > MAX_STOP:
+        raise APIError(400, f"stop takes at most {MAX_STOP} sequences, got {len(req.stop)}", "stop")
+    if isinstance(req.stop, str) and not req.stop:
+        raise APIError(400, "stop must not be an empty string", "stop")
+
+
+def check_length(prompt_len: int, max_tokens: int | None, max_model_len: int, what: str = "messages") -> int:
+    """The max_tokens to use; 400 when the prompt plus max_tokens does not fit the context."""
+    if prompt_len >= max_model_len:
+        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens, but the {what} "
+                            f"{'are' if what == 'messages' else 'is'} {prompt_len} tokens; shorten the {what}.",
+                       "messages" if what == "messages" else "prompt", "context_length_exceeded")
+    if max_tokens is None:
+        return max_model_len - prompt_len
+    if prompt_len + max_tokens > max_model_len:
+        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                            f"{prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} in the "
+                            f"completion). Please reduce the length of the {what} or completion (max_tokens).",
+                       "max_tokens", "context_length_exceeded")
+    return max_tokens
+
+
+def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
+    """One SamplingParams per choice; a bad combination is a 400 naming it."""
+    base = dict(
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens or 0,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=req.top_k or 0,
+        stop=req.stop,
+        stop_token_ids=list(req.stop_token_ids or []),
+        ignore_eos=req.ignore_eos,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logprobs=logprobs,
+        skip_special_tokens=req.skip_special_tokens,
+    )
+    out = []
+    for i in range(req.n):
+        seed = None if req.seed is None else (req.seed + i if req.seed + i < 2**63 else req.seed - i)
+        try:
+            out.append(SamplingParams(seed=seed, **base))
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+    return out
