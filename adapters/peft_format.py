@@ -72,19 +72,22 @@ def read_peft_dir(path: str | os.PathLike, max_bytes: int | None = None) -> tupl
 
 
 def load_peft_bytes(config_json: bytes, safetensors_bytes: bytes, spec: BaseModelSpec,
-                    max_bytes: int | None = None) -> LoRAAdapter:
-    """Load and validate an adapter from the bytes of its two files (an HTTP upload)."""
+                    max_bytes: int | None = None, sha256: str | None = None,
+                    check_values: bool = True) -> LoRAAdapter:
+    """Load and validate an adapter from the bytes of its two files (an HTTP upload).
+    The store passes the hash it already verified and skips the scan for NaN/inf of
+    bytes that were scanned at registration (a cold load pays neither twice)."""
     if max_bytes is not None:
         _check_size(len(config_json) + len(safetensors_bytes), max_bytes)
     config = parse_config_json(config_json)
     hyper = check_config(config, spec)
     tensors = _read_safetensors(safetensors_bytes)
-    lora_a, lora_b = _collect_weights(tensors, hyper, spec)
+    lora_a, lora_b = _collect_weights(tensors, hyper, spec, check_values)
     present = tuple(m for m in LORA_MODULES if any(module == m for _, module in lora_a))
     return LoRAAdapter(
         rank=hyper.rank, alpha=hyper.alpha, use_rslora=hyper.use_rslora, scaling=hyper.scaling,
         target_modules=present, lora_a=lora_a, lora_b=lora_b, config=config,
-        sha256=hashlib.sha256(safetensors_bytes).hexdigest(),
+        sha256=sha256 or hashlib.sha256(safetensors_bytes).hexdigest(),
     )
 
 
@@ -129,7 +132,8 @@ def _read_safetensors(data: bytes) -> dict[str, torch.Tensor]:
                               "the upload may be truncated or corrupt: re-save and upload it again") from None
 
 
-def _collect_weights(tensors: dict[str, torch.Tensor], hyper: LoraHyper, spec: BaseModelSpec):
+def _collect_weights(tensors: dict[str, torch.Tensor], hyper: LoraHyper, spec: BaseModelSpec,
+                     check_values: bool = True):
     """Map keys to (layer, module) and check each tensor; return (lora_a, lora_b)."""
     lora_a, lora_b = {}, {}
     module_paths = {}  # "model.layers.0.self_attn.q_proj" -> first tensor key, for target checks
@@ -140,7 +144,7 @@ def _collect_weights(tensors: dict[str, torch.Tensor], hyper: LoraHyper, spec: B
         if (layer, module) in side:
             raise AdapterRejected(f"tensor {key} duplicates lora_{ab} of layer {layer} {module}; "
                                   "re-save the adapter with PEFT")
-        side[(layer, module)] = _check_tensor(key, tensors[key], ab, module, hyper.rank, spec)
+        side[(layer, module)] = _check_tensor(key, tensors[key], ab, module, hyper.rank, spec, check_values)
         group = "self_attn" if module in ATTENTION_MODULES else "mlp"
         module_paths.setdefault(f"model.layers.{layer}.{group}.{module}", key)
     _check_pairs(lora_a, lora_b)
@@ -178,7 +182,7 @@ def _parse_key(key: str, spec: BaseModelSpec) -> tuple[int, str, str]:
 
 
 def _check_tensor(key: str, tensor: torch.Tensor, ab: str, module: str, rank: int,
-                  spec: BaseModelSpec) -> torch.Tensor:
+                  spec: BaseModelSpec, check_values: bool = True) -> torch.Tensor:
     if not tensor.is_floating_point():
         raise AdapterRejected(f"tensor {key} has dtype {tensor.dtype}; LoRA weights must be floating point")
     in_features, out_features = spec.module_shape(module)
@@ -193,7 +197,7 @@ def _check_tensor(key: str, tensor: torch.Tensor, ab: str, module: str, rank: in
                               f"{module} of the served base ({spec.model_type}, hidden_size {spec.hidden_size}); "
                               "this adapter was trained on a different base model")
     tensor = tensor.to(dtype=torch.float32, device="cpu")
-    if not torch.isfinite(tensor).all():
+    if check_values and not torch.isfinite(tensor).all():
         raise AdapterRejected(f"tensor {key} contains NaN or inf values; the training diverged: "
                               "retrain (e.g. with a lower learning rate) or use an earlier checkpoint")
     return tensor

@@ -216,7 +216,6 @@ async def delete_adapter(ref: str, request: Request, caller: Caller = Depends(au
 
 
 async def delete_versions(ctx: ServeContext, tenant: str, ref: str) -> list[AdapterRecord]:
-    """Delete from the store, then let the engine drop cached copies once no request uses them."""
-    doomed = await to_thread.run_sync(ctx.store.delete, tenant, ref)
-    await ctx.engine.call(lambda engine: [engine.forget_adapter(r) for r in doomed])
-    return doomed
+    """Delete through the engine (on its thread): requests already accepted with a deleted
+    version keep its weights and finish; cached copies go once no request uses them."""
+    return await ctx.engine.call(lambda engine: engine.remove_adapter(ref, tenant))

@@ -10,7 +10,6 @@ engine stream and so aborts its request: its KV blocks and adapter pin are freed
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -98,16 +97,12 @@ class Group:
             pass
         return self.choices
 
-    def close(self, engine) -> None:
-        """Abort what is unfinished. Synchronous, so it also runs inside a cancelled task."""
+    def close(self) -> None:
+        """Abort what is unfinished: cancelling a pump closes its engine stream, which aborts
+        its request (also one cancelled while being added). Synchronous, so it also runs
+        inside a cancelled task."""
         for t in self._tasks:
             t.cancel()
-        for c in self.choices:
-            if c.out is None or not c.out.finished:
-                # the pump's stream aborts too when cancelled, but not if it was cancelled
-                # while its request was being added; a second abort is a no-op
-                with contextlib.suppress(Exception):
-                    engine.abort(f"{self.request_id}-{c.index}")
 
 
 class ClientGone(Exception):

@@ -71,7 +71,7 @@ async def generate_response(request: Request, ctx: ServeContext, request_id: str
         raise err from None
     finally:
         if not handed_over:
-            group.close(ctx.engine)
+            group.close()
             ticket.release()
 
 
@@ -99,6 +99,6 @@ async def _stream(ctx: ServeContext, state, group: Group, ticket, renderer: Rend
         yield sse(err.body())
         yield b"data: [DONE]\n\n"
     finally:
-        group.close(ctx.engine)
+        group.close()
         ticket.release()
         state.final_status = status

@@ -146,3 +146,27 @@ def test_other_base_models_adapters_are_kept_but_hidden(tmp_path, spec, adapter_
     again = AdapterStore(tmp_path, spec)
     assert again.list("acme") == [mine]
     again.load(mine)  # its blob was not collected by the other base's start-up
+
+
+def test_loads_hash_once_until_the_file_changes(tmp_path, spec, adapter_files, monkeypatch):
+    """Registration hashed the bytes it wrote; a load re-hashes only a file that changed
+    since (a cold load then costs a read and a parse, not two sha256 passes)."""
+    from loraserve.adapters import store as store_module
+    calls = []
+    real = store_module.bytes_problem
+    monkeypatch.setattr(store_module, "bytes_problem", lambda *a: calls.append(a[0]) or real(*a))
+    store = AdapterStore(tmp_path, spec)
+    record = store.register_bytes("acme", "bot", *adapter_files)
+    store.load(record)
+    store.load(record)
+    assert calls == []
+    reopened = AdapterStore(tmp_path, spec)          # a restart hashes on first load
+    reopened.load(record)
+    reopened.load(record)
+    assert len(calls) == 1
+    weights = os.path.join(record.path, "adapter_model.safetensors")
+    data = bytearray(open(weights, "rb").read())
+    data[-1] ^= 0xFF                                  # bit rot that rewrites the file
+    open(weights, "wb").write(bytes(data))
+    with pytest.raises(AdapterError, match="corrupted on disk"):
+        reopened.load(record)
