@@ -93,7 +93,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-def plot(path: str, counts: list[int], table: dict) -> None:
+def plot(path: str, counts: list[int], table: dict, args) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -104,7 +104,7 @@ def plot(path: str, counts: list[int], table: dict) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("distinct adapters")
     ax.set_ylabel("tokens/s")
-    ax.set_title("loraserve throughput vs adapters (max_loras=32, max_cpu_loras=128)")
+    ax.set_title(f"loraserve throughput vs distinct adapters\n(max_loras={args.max_loras}, max_cpu_loras={args.max_cpu_loras})")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -133,7 +133,7 @@ def main(argv=None):
             lat = cold_loads(args, tmp, hf_config, rank)
             print(f"{rank:>4} {statistics.median(lat) * 1e3:>17.1f} {percentile(lat, 0.99) * 1e3:>8.1f}", flush=True)
         if args.plot:
-            plot(args.plot, counts, table)
+            plot(args.plot, counts, table, args)
             print(f"plot: {args.plot}")
 
 

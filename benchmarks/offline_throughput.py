@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-hf", action="store_true", help="measure loraserve only")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--rounds", type=int, default=2, help="alternating LoRA/base rounds; the best of each counts")
+    p.add_argument("--profile", action="store_true",
+                   help="also print torch.profiler's op table for 3 decode steps, with and without adapters")
     return p.parse_args(argv)
 
 
@@ -65,7 +67,28 @@ def run_loraserve(dtype, prompts, adapter_dirs, plan, args) -> tuple[float, floa
             outs = llm.generate(prompts, params, adapters=adapters, use_tqdm=False)
             rate = sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start)
             best[kind] = max(best[kind], rate)
+    if args.profile:
+        for kind, adapters in (("lora", plan), ("base", [None] * len(plan))):
+            profile_decode(llm, prompts, adapters, kind, dtype)
     return best["lora"], best["base"]
+
+
+def profile_decode(llm, prompts, adapters, kind: str, dtype: str) -> None:
+    """Where a decode step's time goes: run the prefills, then profile 3 full-batch steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = llm.engine
+    for p, a in zip(prompts, adapters):
+        engine.add_request(p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), a)
+    while any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.requests.values()):
+        engine.step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            engine.step()
+    print(f"\n{dtype} {kind}: 3 decode steps of {len(prompts)} requests")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    while engine.has_unfinished():
+        engine.step()
 
 
 def run_hf_peft(model_dir, dtype, prompts, adapter_dirs, plan, args) -> float:
