@@ -171,6 +171,19 @@ class AdapterStore:
         # validated at registration and unchanged since: skip the NaN/inf scan
         return load_peft_bytes(config_json, safetensors_bytes, self.spec, sha256=record.sha256, check_values=False)
 
+    # -- a root shared with a writer in another process ---------------------------------
+
+    def adopt(self, record: AdapterRecord, blob_id: str) -> None:
+        """Index a version that another process registered under a shared root (a Ray
+        replica learning what the ingress wrote)."""
+        with self._lock:
+            self._index.add(record, blob_id)
+
+    def unindex(self, record: AdapterRecord) -> None:
+        """Forget a version whose files another process deleted."""
+        with self._lock:
+            self._index.remove(record)
+
     # -- deletion -----------------------------------------------------------------------
 
     def delete(self, tenant: str, ref: str) -> list[AdapterRecord]:

@@ -8,7 +8,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import adapters_routes, chat, completions, ops_routes, vllm_compat
+from . import adapters_routes, chat, completions, files_routes, finetune_routes, ops_routes, vllm_compat
 from .context import ServeContext
 from .errors import APIError, install_error_handlers
 from .metrics import CountRequests
@@ -24,10 +24,10 @@ def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
                               "base model or an adapter (name, name@version, owner/name, base:name).")
     app.state.ctx = ServeContext.build(engine, settings)
     install_error_handlers(app)
-    for module in (completions, chat, ops_routes, adapters_routes, vllm_compat):
+    for module in (completions, chat, ops_routes, adapters_routes, vllm_compat, files_routes, finetune_routes):
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, exempt=("/v1/adapters",))
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, exempt=("/v1/adapters", "/v1/files"))
     app.add_middleware(CountRequests, metrics=app.state.ctx.metrics,
                        endpoints={"/v1/completions": "completions", "/v1/chat/completions": "chat"})
     return app

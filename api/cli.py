@@ -24,6 +24,48 @@ def add_serve_parser(sub, add_engine_args, parse_adapter) -> None:
                                    "(/v1/completions, /v1/chat/completions, /v1/models, /v1/adapters, vLLM's "
                                    "/v1/load_lora_adapter, /health, /metrics). With no arguments it serves the "
                                    "embedded SmolLM2-135M-Instruct on 127.0.0.1:8000. SIGTERM drains and exits 0.")
+    add_server_flags(p, parse_adapter)
+    add_finetune_flags(p)
+    add_engine_args(p)
+
+
+def add_finetune_flags(p: argparse.ArgumentParser) -> None:
+    """/v1/files and /v1/fine_tuning/jobs (api/finetune_routes.py)."""
+    g = p.add_argument_group("fine-tuning")
+    g.add_argument("--finetune-dir", default=None, metavar="DIR",
+                   help="where training files and fine-tuning jobs are kept (default: finetune/ inside "
+                        "--adapter-dir)")
+    g.add_argument("--max-finetune-jobs", type=int, default=1, metavar="N",
+                   help="fine-tuning jobs that train at once, each in its own worker process; more wait queued "
+                        "(default: 1; 0 turns the fine-tuning API off)")
+    g.add_argument("--finetune-threads", type=int, default=1, metavar="N",
+                   help="torch threads per training worker; the serving engine keeps the other cores (default: 1)")
+    g.add_argument("--max-file-bytes", type=int, default=64 << 20, metavar="BYTES",
+                   help="largest training file upload (default: 67108864 = 64 MiB)")
+
+
+def add_serve_ray_parser(sub, add_engine_args, parse_adapter) -> None:
+    p = sub.add_parser("serve-ray", help="serve the same HTTP API from several engine replicas on Ray Serve",
+                       description="Deploy the OpenAI-compatible server on Ray Serve: --replicas engine replicas, "
+                                   "each with its own adapter slots and CPU cache, behind one endpoint; a request "
+                                   "goes to a replica that already holds its adapter (Ray Serve model "
+                                   "multiplexing). Joins the Ray cluster of this machine, or starts a local one. "
+                                   "Needs `pip install loraserve[ray]`; every replica must see --adapter-dir.")
+    p.add_argument("--replicas", type=int, default=1, help="engine replicas (default: 1)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else the "
+                   "cluster started on this machine with `ray start`, else a new local one)")
+    p.add_argument("--num-cpus-per-replica", type=float, default=1.0, help="CPUs Ray reserves per replica "
+                   "(default: 1)")
+    p.add_argument("--num-gpus-per-replica", type=float, default=0.0, help="GPUs Ray reserves per replica "
+                   "(default: 0; pass 1 on a GPU cluster)")
+    p.add_argument("--max-adapters-per-replica", type=int, default=None, metavar="N",
+                   help="adapters Ray Serve counts as held by one replica when routing (default: --max-loras)")
+    add_server_flags(p, parse_adapter)
+    add_engine_args(p)
+
+
+def add_server_flags(p: argparse.ArgumentParser, parse_adapter) -> None:
+    """The HTTP flags `serve` and `serve-ray` share."""
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; a non-loopback "
                    "address needs --api-keys or --allow-unauthenticated)")
     p.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
@@ -46,7 +88,6 @@ def add_serve_parser(sub, add_engine_args, parse_adapter) -> None:
                    help="another name the base model answers to in the `model` field; repeatable")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log verbosity (default: info)")
-    add_engine_args(p)
 
 
 def add_keys_parser(sub) -> None:
@@ -70,7 +111,11 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     return ServerSettings(host=args.host, port=args.port, api_keys=args.api_keys,
                           allow_unauthenticated=args.allow_unauthenticated, max_queue=args.max_queue,
                           max_adapter_bytes=args.max_adapter_bytes, drain_timeout=args.drain_timeout,
-                          served_model_names=tuple(args.served_model_name))
+                          served_model_names=tuple(args.served_model_name),
+                          finetune_dir=getattr(args, "finetune_dir", None),
+                          max_file_bytes=getattr(args, "max_file_bytes", 64 << 20),
+                          max_finetune_jobs=getattr(args, "max_finetune_jobs", 0),    # serve-ray: off
+                          finetune_threads=getattr(args, "finetune_threads", 1))
 
 
 def run_serve(args: argparse.Namespace, engine_config) -> int:
@@ -90,6 +135,15 @@ def run_serve(args: argparse.Namespace, engine_config) -> int:
         return run_server(engine, settings)
     finally:
         engine.shutdown()
+
+
+def run_serve_ray(args: argparse.Namespace, engine_config) -> int:
+    try:
+        from .ray_deploy import run_serve_ray as run
+    except ImportError as e:
+        raise ValueError(f"serve-ray needs Ray Serve ({e}); install it with `pip install loraserve[ray]`") from None
+    logging.getLogger().setLevel(args.log_level.upper())
+    return run(args, engine_config(args), settings_from_args(args))
 
 
 def register_startup_adapter(store, name: str, source: str) -> None:

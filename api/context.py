@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from .admission import Admission
+from .jobs import finetune_services
 from .keys import KeyRing
 from .metrics import ServerMetrics
 from .prompts import Prompts
@@ -26,16 +27,21 @@ class ServeContext:
     prompts: Prompts
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     started_at: float = field(default_factory=time.time)
+    files: object | None = None     # api.files.FileStore; None when fine-tuning is off
+    jobs: object | None = None      # api.jobs.JobManager; None when fine-tuning is off
 
     @classmethod
     def build(cls, engine, settings: ServerSettings) -> "ServeContext":
         core = engine.engine
+        files, jobs = finetune_services(core, settings) if settings.max_finetune_jobs > 0 else (None, None)
         return cls(
             engine=engine,
             settings=settings,
             keyring=KeyRing(settings.api_keys) if settings.api_keys else None,
             admission=Admission(core.config.max_num_seqs, settings.max_queue, settings.retry_after),
             prompts=Prompts(core.tokenizer),
+            files=files,
+            jobs=jobs,
         )
 
     @property

@@ -21,12 +21,21 @@ class ServerSettings:
     drain_timeout: float = 30.0             # SIGTERM: seconds running requests get to finish
     retry_after: int = 1                    # seconds, in the Retry-After header of a 429/503
     served_model_names: tuple[str, ...] = ()  # extra names for the base model besides its id
+    finetune_dir: str | None = None         # training files and fine-tuning jobs; None = <adapter store>/finetune
+    max_file_bytes: int = 64 << 20          # largest training file upload
+    max_finetune_jobs: int = 1              # jobs training at once, more wait queued; 0 = fine-tuning off
+    finetune_threads: int = 1               # torch threads of a training worker (the engine keeps the rest)
 
     def __post_init__(self):
         if self.max_queue is not None and self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
         if self.max_adapter_bytes < 1:
             raise ValueError(f"max_adapter_bytes must be >= 1, got {self.max_adapter_bytes}")
+        if self.max_file_bytes < 1:
+            raise ValueError(f"max_file_bytes must be >= 1, got {self.max_file_bytes}")
+        if self.max_finetune_jobs < 0 or self.finetune_threads < 1:
+            raise ValueError(f"max_finetune_jobs must be >= 0 and finetune_threads >= 1, got "
+                             f"{self.max_finetune_jobs} and {self.finetune_threads}")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
 

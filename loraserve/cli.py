@@ -69,11 +69,99 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
     gen.add_argument("-v", "--verbose", action="store_true", help="log engine set-up")
     add_engine_args(gen)
-    from loraserve.api.cli import add_keys_parser, add_serve_parser
+    from loraserve.api.cli import add_keys_parser, add_serve_parser, add_serve_ray_parser
 
     add_serve_parser(sub, add_engine_args, parse_adapter)
+    add_serve_ray_parser(sub, add_engine_args, parse_adapter)
     add_keys_parser(sub)
+    add_finetune_parser(sub)
     return parser
+
+
+def add_finetune_parser(sub) -> None:
+    from loraserve.adapters import LORA_MODULES
+    from loraserve.adapters.finetune import BASE_LEARNING_RATE
+
+    p = sub.add_parser("finetune", help="train a LoRA adapter on a JSONL file and register it in the adapter store",
+                       description="Train a LoRA adapter of the base model (transformers' Trainer + PEFT, loss on "
+                                   "the answers only) and register it in the adapter store under --name: a server "
+                                   "on the same --adapter-dir serves it at once. Data: one JSON object a line, "
+                                   "chat ({\"messages\": [...]}) or {\"prompt\": ..., \"completion\": ...}.")
+    p.add_argument("--data", required=True, help="the JSONL training file")
+    p.add_argument("--validation-data", default=None, metavar="FILE",
+                   help="JSONL held-out data for the eval loss (default: --eval-fraction of --data)")
+    p.add_argument("--name", required=True, help="the adapter's name in the store (a new version if it exists)")
+    p.add_argument("--tenant", default="default", help="the store namespace to register in (default: default)")
+    p.add_argument("--shared", action="store_true", help="register it visible, read-only, to every tenant")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default: 16)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 x --rank)")
+    p.add_argument("--epochs", type=int, default=3, help="passes over the data (default: 3)")
+    p.add_argument("--lr", type=float, default=BASE_LEARNING_RATE, help=f"learning rate (default: {BASE_LEARNING_RATE})")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per step (default: 8)")
+    p.add_argument("--targets", default=",".join(LORA_MODULES),
+                   help=f"comma-separated projections to adapt (default: all of {','.join(LORA_MODULES)})")
+    p.add_argument("--max-seq-len", type=int, default=1024, help="longer examples are cut (default: 1024)")
+    p.add_argument("--eval-fraction", type=float, default=0.1,
+                   help="share of --data held out for the eval loss, without --validation-data (default: 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the LoRA init, shuffling and split (default: 0)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    for name in ("model", "adapter_dir", "cache_dir", "max_lora_rank"):
+        default = getattr(EngineConfig, name)
+        p.add_argument("--" + name.replace("_", "-"), type=int if name == "max_lora_rank" else str, default=default,
+                       help=ENGINE_FLAGS[name] + (f" (default: {default})" if default is not None else ""))
+
+
+def run_finetune(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import torch
+    from tqdm import tqdm
+
+    from loraserve.adapters import AdapterStore, BaseModelSpec, default_store_root
+    from loraserve.adapters.finetune import FinetuneConfig, train_lora
+    from loraserve.adapters.finetune_data import parse_jsonl
+
+    from .model.loader import load_config, resolve_model
+
+    if args.rank > args.max_lora_rank:
+        raise ValueError(f"--rank {args.rank} exceeds --max-lora-rank {args.max_lora_rank}: a server could not "
+                         f"load it; pass --max-lora-rank {args.rank} here and to `loraserve serve`")
+    config = FinetuneConfig(rank=args.rank, alpha=args.alpha or 2.0 * args.rank, epochs=args.epochs,
+                            learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
+                            targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+                            max_seq_len=args.max_seq_len, eval_fraction=args.eval_fraction)
+    data = parse_jsonl(_read_bytes(args.data))
+    validation = parse_jsonl(_read_bytes(args.validation_data)) if args.validation_data else None
+    source = resolve_model(args.model, args.cache_dir)
+    spec = BaseModelSpec.from_hf_config(load_config(source.local_dir), args.max_lora_rank, source.model_id)
+    store = AdapterStore(args.adapter_dir or default_store_root(), spec)     # a bad store fails before training
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    bar = tqdm(desc=f"finetune {args.name}", unit="step", dynamic_ncols=True)
+
+    def show(p) -> None:
+        bar.total = p.total_steps
+        bar.update(p.step - bar.n)
+        shown = {"loss": f"{p.train_loss:.4f}"} if p.train_loss is not None else {"eval_loss": f"{p.eval_loss:.4f}"}
+        bar.set_postfix(**shown, epoch=f"{p.epoch:.2f}", tok_s=f"{p.tokens_per_s:.0f}")
+
+    with tempfile.TemporaryDirectory(prefix="loraserve-finetune-") as out:
+        try:
+            result = train_lora(source.local_dir, data, config, out, validation, on_progress=show,
+                                base_model_id=source.model_id)
+        finally:
+            bar.close()
+        record = store.register_dir(args.tenant, args.name, out, shared=args.shared)
+    eval_text = f", eval loss {result.eval_loss:.4f} on {result.num_eval}" if result.eval_loss is not None else ""
+    print(f"{record.name} version {record.version}: rank {record.rank}, {','.join(record.target_modules)}; "
+          f"{result.steps} steps on {result.num_train} examples in {result.seconds:.0f} s, {result.trained_tokens} "
+          f"tokens, train loss {result.train_loss:.4f}{eval_text}; stored in {store.root} (tenant {args.tenant})")
+    return 0
+
+
+def _read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -105,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             from loraserve.api.cli import run_serve
             return run_serve(args, engine_config)
+        if args.command == "serve-ray":
+            from loraserve.api.cli import run_serve_ray
+            return run_serve_ray(args, engine_config)
+        if args.command == "finetune":
+            return run_finetune(args)
         if args.command == "keys":
             from loraserve.api.cli import run_keys
             return run_keys(args)

@@ -1,0 +1,134 @@
+"""Training files, per tenant and durable: what POST /v1/files keeps for fine-tuning jobs.
+
+    <root>/files/<tenant>/<file id>.jsonl    the bytes as uploaded
+    <root>/files/<tenant>/<file id>.json     {id, bytes, created_at, filename, purpose, format, examples}
+
+A file is checked line by line before anything is written (adapters.finetune_data); the
+data is written durably before its metadata, and only a file with metadata exists, so a
+crash leaves at most an orphan .jsonl, which start-up removes. Another tenant's file
+answers 404 exactly like a missing one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+from loraserve.adapters.durable import fsync_dir, write_file_atomic
+from loraserve.adapters.finetune_data import DataError, parse_jsonl
+
+from .errors import APIError
+
+PURPOSE = "fine-tune"
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    id: str
+    tenant: str
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    format: str         # finetune_data.CHAT or COMPLETION
+    examples: int
+
+    def to_openai(self) -> dict:
+        return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
+                "filename": self.filename, "purpose": self.purpose, "status": "processed",
+                "status_details": None, "expires_at": None}
+
+
+class FileStore:
+    def __init__(self, root: str, max_bytes: int):
+        self.dir = os.path.join(root, "files")
+        self.tmp = os.path.join(root, "tmp")
+        self.max_bytes = max_bytes
+        os.makedirs(self.dir, exist_ok=True)
+        os.makedirs(self.tmp, exist_ok=True)
+        self._lock = threading.Lock()
+        self._files: dict[tuple[str, str], StoredFile] = self._scan()
+
+    def add(self, tenant: str, filename: str, purpose: str, data: bytes) -> StoredFile:
+        """Check, then store durably; raises APIError 400/413 naming the problem."""
+        if purpose != PURPOSE:
+            raise APIError(400, f"purpose {purpose!r} is not supported; this server keeps files for fine-tuning "
+                                f"only: upload with purpose={PURPOSE!r}", "purpose", "invalid_purpose")
+        if len(data) > self.max_bytes:
+            raise APIError(413, f"the file is {len(data)} bytes; this server takes at most {self.max_bytes} "
+                                "(--max-file-bytes)", "file", "file_too_large")
+        try:
+            parsed = parse_jsonl(data)
+        except DataError as e:
+            raise APIError(400, f"invalid training file {filename!r}: {e}", "file", "invalid_file") from None
+        record = StoredFile(id=f"file-{uuid.uuid4().hex[:24]}", tenant=tenant, bytes=len(data),
+                            created_at=int(time.time()), filename=os.path.basename(filename) or "upload.jsonl",
+                            purpose=purpose, format=parsed.format, examples=len(parsed.examples))
+        folder = os.path.join(self.dir, tenant)
+        if not os.path.isdir(folder):
+            os.makedirs(folder, exist_ok=True)
+            fsync_dir(self.dir)
+        write_file_atomic(self.data_path(record), data, self.tmp)
+        write_file_atomic(self._meta_path(tenant, record.id), json.dumps(asdict(record)).encode(), self.tmp)
+        with self._lock:
+            self._files[(tenant, record.id)] = record
+        return record
+
+    def get(self, tenant: str, file_id: str, param: str = "file_id") -> StoredFile:
+        with self._lock:
+            record = self._files.get((tenant, file_id))
+        if record is None:
+            raise APIError(404, f"no file {file_id!r} for this tenant; GET /v1/files lists yours", param,
+                           "file_not_found")
+        return record
+
+    def list(self, tenant: str, purpose: str | None = None) -> list[StoredFile]:
+        """Newest first."""
+        with self._lock:
+            mine = [f for (t, _), f in self._files.items() if t == tenant and purpose in (None, f.purpose)]
+        return sorted(mine, key=lambda f: f.created_at, reverse=True)
+
+    def delete(self, tenant: str, file_id: str) -> StoredFile:
+        record = self.get(tenant, file_id)
+        with self._lock:
+            self._files.pop((tenant, file_id), None)
+        os.remove(self._meta_path(tenant, file_id))     # gone from the listing first, then the data
+        _remove(self.data_path(record))
+        fsync_dir(os.path.join(self.dir, tenant))
+        return record
+
+    def read(self, record: StoredFile) -> bytes:
+        with open(self.data_path(record), "rb") as f:
+            return f.read()
+
+    def data_path(self, record: StoredFile) -> str:
+        return os.path.join(self.dir, record.tenant, f"{record.id}.jsonl")
+
+    def _meta_path(self, tenant: str, file_id: str) -> str:
+        return os.path.join(self.dir, tenant, f"{file_id}.json")
+
+    def _scan(self) -> dict[tuple[str, str], StoredFile]:
+        found = {}
+        for tenant in sorted(os.listdir(self.dir)):
+            folder = os.path.join(self.dir, tenant)
+            names = set(os.listdir(folder))
+            for name in names:
+                stem, ext = os.path.splitext(name)
+                if ext == ".jsonl" and f"{stem}.json" not in names:
+                    _remove(os.path.join(folder, name))      # a crash between data and metadata
+                elif ext == ".json":
+                    with open(os.path.join(folder, name), "rb") as f:
+                        record = StoredFile(**json.loads(f.read()))
+                    found[(tenant, record.id)] = record
+        return found
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
