@@ -14,7 +14,6 @@ from anyio import to_thread
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.responses import JSONResponse
 
 from loraserve.adapters import AdapterRecord, parse_ref
@@ -24,12 +23,12 @@ from .context import ServeContext
 from .errors import APIError, validation_message
 from .model_names import public_id
 from .openai_models import AdapterSourceRequest
+from .uploads import read_capped_form
 
 router = APIRouter(tags=["adapters"])
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-FORM_OVERHEAD = 64 << 10   # multipart boundaries, headers and the small fields
 
 UPLOAD_BODY = {"required": True, "content": {
     "multipart/form-data": {"schema": {
@@ -120,23 +119,7 @@ async def _register_upload(ctx: ServeContext, caller: Caller, request: Request) 
 
 
 async def _read_form(request: Request, limit: int):
-    cap = limit + FORM_OVERHEAD
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > cap:
-        raise _too_large(int(declared), limit)
-
-    async def capped():
-        total = 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > cap:
-                raise _too_large(total, limit)
-            yield chunk
-
-    try:
-        return await MultiPartParser(request.headers, capped(), max_files=4, max_fields=8).parse()
-    except MultiPartException as e:
-        raise APIError(400, f"the multipart form is malformed ({e.message})") from None
+    return await read_capped_form(request, limit, lambda size: _too_large(size, limit), 4, 8)
 
 
 def _too_large(size: int, limit: int) -> APIError:

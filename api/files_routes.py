@@ -10,16 +10,15 @@ from __future__ import annotations
 from anyio import to_thread
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.responses import Response
 
 from .auth import Caller, authenticate
 from .errors import APIError
 from .files import PURPOSE, FileStore
+from .uploads import read_capped_form
 
 router = APIRouter(tags=["files"])
 
-FORM_OVERHEAD = 64 << 10   # multipart boundaries, headers and the purpose field
 
 UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file", "purpose"],
@@ -69,23 +68,7 @@ async def _read_form(request: Request, limit: int):
     if not content_type.startswith("multipart/form-data"):
         raise APIError(415 if content_type else 400, "send the file as multipart/form-data with the fields "
                        f"file (the JSONL data) and purpose ({PURPOSE!r})")
-    cap = limit + FORM_OVERHEAD
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > cap:
-        raise _too_large(int(declared), limit)
-
-    async def capped():
-        total = 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > cap:
-                raise _too_large(total, limit)
-            yield chunk
-
-    try:
-        return await MultiPartParser(request.headers, capped(), max_files=2, max_fields=4).parse()
-    except MultiPartException as e:
-        raise APIError(400, f"the multipart form is malformed ({e.message})") from None
+    return await read_capped_form(request, limit, lambda size: _too_large(size, limit), 2, 4)
 
 
 def _too_large(size: int, limit: int) -> APIError:
