@@ -32,9 +32,9 @@ import httpx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from results_md import write_section  # noqa: E402
 from synthetic import random_prompts, write_adapter  # noqa: E402
 
-BEGIN, END = "<!-- ray_scaling.py:begin -->", "<!-- ray_scaling.py:end -->"
 
 
 def free_port() -> int:
@@ -159,17 +159,6 @@ def note(rows: list[dict]) -> str:
             f"or a disk read first) as models and ranks grow. Not measured here: no GPU was available.\n")
 
 
-def write_results(path: str, section: str) -> None:
-    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):].lstrip("\n")
-    else:
-        text = text.rstrip() + "\n\n" + block
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="base model (default: embedded SmolLM2-135M-Instruct)")
@@ -233,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"Measured {time.strftime('%Y-%m-%d')}: {setup}.\n"
                    f"Command: `python benchmarks/ray_scaling.py {' '.join(sys.argv[1:])}`\n\n" + table(rows)
                    + note(rows))
-        write_results(args.results, section)
+        write_section(args.results, "ray_scaling.py", section)
         print(f"wrote {args.results}")
     return 0
 

@@ -35,9 +35,9 @@ import httpx
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from results_md import write_section  # noqa: E402
 from synthetic import random_prompts, write_adapter  # noqa: E402
 
-BEGIN, END = "<!-- serving.py:begin -->", "<!-- serving.py:end -->"
 
 
 @dataclass
@@ -233,17 +233,6 @@ def plot(rows: list[dict], slo: float, path: str) -> bool:
     return True
 
 
-def write_results(path: str, section: str) -> None:
-    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}\n"
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):].lstrip("\n")
-    else:
-        text = text.rstrip() + "\n\n" + block
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="a running server; without it one is started (and stopped) here")
@@ -304,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"Measured {time.strftime('%Y-%m-%d')}: {setup}.\n"
                    f"Command: `python benchmarks/serving.py {' '.join(sys.argv[1:])}`\n\n" + table(rows, args.ttft_slo)
                    + (f"\n![latency vs rate]({os.path.basename(png)})\n" if plotted else ""))
-        write_results(args.results, section)
+        write_section(args.results, "serving.py", section)
         print(f"wrote {args.results}" + (f" and {png}" if plotted else ""))
     return 0
 
