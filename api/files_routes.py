@@ -26,12 +26,17 @@ UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
                    "purpose": {"type": "string", "enum": [PURPOSE]}}}}}}
 
 
-def file_store(request: Request) -> FileStore:
-    files = request.app.state.ctx.files
-    if files is None:
+def finetune_service(request: Request, name: str):
+    """The server's `files` or `jobs` service, or a 404 when fine-tuning is off."""
+    service = getattr(request.app.state.ctx, name)
+    if service is None:
         raise APIError(404, "fine-tuning is off on this server (started with --max-finetune-jobs 0)",
                        code="finetune_disabled")
-    return files
+    return service
+
+
+def file_store(request: Request) -> FileStore:
+    return finetune_service(request, "files")
 
 
 def page(items: list, after: str | None, limit: int) -> dict:

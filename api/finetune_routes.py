@@ -24,7 +24,7 @@ from loraserve.adapters.finetune import BASE_LEARNING_RATE, LIMITS, FinetuneConf
 
 from .auth import Caller, authenticate
 from .errors import APIError
-from .files_routes import page
+from .files_routes import finetune_service, page
 from .jobs import JobManager
 from .openai_models import _Strict
 
@@ -73,11 +73,7 @@ class FineTuningJobRequest(_Strict):
 
 
 def job_manager(request: Request) -> JobManager:
-    jobs = request.app.state.ctx.jobs
-    if jobs is None:
-        raise APIError(404, "fine-tuning is off on this server (started with --max-finetune-jobs 0)",
-                       code="finetune_disabled")
-    return jobs
+    return finetune_service(request, "jobs")
 
 
 @router.post("/v1/fine_tuning/jobs", summary="Create a fine-tuning job: a LoRA adapter of the base model")

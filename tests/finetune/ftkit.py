@@ -38,7 +38,8 @@ def live_server(engine, settings: ServerSettings):
     try:
         yield app
     finally:
-        app.state.ctx.jobs.shutdown()
+        if app.state.ctx.jobs is not None:
+            app.state.ctx.jobs.shutdown()
         server.should_exit = True
         thread.join(15)
         sock.close()

@@ -163,3 +163,20 @@ def test_cli_trains_into_the_store(tiny_base, tmp_path, capsys):
     assert main(args) == 2
     assert "line 13" in capsys.readouterr().err
     assert main(args[:-2] + ["--rank", "32"]) == 2                 # over --max-lora-rank 16
+
+
+def test_fine_tuning_off_answers_404_on_files_and_jobs(tmp_path, tiny_base):
+    """With --max-finetune-jobs 0 both services are absent: each route says how to turn them on."""
+    engine = AsyncEngine(EngineConfig(model=tiny_base, dtype="float32", max_lora_rank=16, max_model_len=128,
+                                      num_kv_blocks=16, adapter_dir=str(tmp_path / "store")))
+    try:
+        with live_server(engine, ServerSettings(max_finetune_jobs=0)) as app:
+            import httpx
+            with httpx.Client(base_url=app.url, timeout=30) as http:
+                for path in ("/v1/files", "/v1/fine_tuning/jobs"):
+                    r = http.get(path)
+                    assert r.status_code == 404, (path, r.text)
+                    assert r.json()["error"]["code"] == "finetune_disabled"
+                    assert "--max-finetune-jobs" in r.json()["error"]["message"]
+    finally:
+        engine.shutdown()
