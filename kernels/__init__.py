@@ -36,7 +36,9 @@ def use_triton(t: torch.Tensor) -> bool:
 
 def add_lora(y, x, A, Bs, out_slices, meta: LoRAMeta):
     """y += LoRA delta of each token's adapter (semantics in kernels/sgmv.py); returns y."""
-    impl = add_lora_triton if use_triton(x) else add_lora_grouped
+    from .sgmv_cpu import add_lora_cpu     # CPU: the C++ op, add_lora_grouped when it cannot run
+
+    impl = add_lora_triton if use_triton(x) else add_lora_cpu
     return impl(y, x, A, Bs, out_slices, meta)
 
 

@@ -1,0 +1,93 @@
+"""CPU SGMV as a C++ op (sgmv_cpu.cpp), built on first use with torch.utils.cpp_extension.
+
+Semantics: y[t, off_p : off_p + out_p] += (x[t] @ A[slot[t], :, :rank, p]) @ B_p[slot[t], :rank]
+for every token t with slot[t] >= 0 (weight layout in sgmv.py); tokens with slot -1 are untouched.
+
+A decode step has a few tokens per adapter, so the LoRA delta is bound by reading the
+adapters' weights: oneDNN's small-M batched matmuls (add_lora_grouped) stream them at a
+fraction of the memory bandwidth. The op streams each adapter's A and B once per block of
+up to 16 tokens that share it, at the adapter's own rank, with both cores on disjoint
+blocks. Segments longer than MAX_SEG_LEN tokens (prefill chunks) run inside the op as
+ATen matmuls, which win once the weights are reused by enough tokens.
+
+The build (~10 s, once per machine: cached under the user cache dir, keyed by source,
+flags, torch and CPU) needs a C++ compiler and ninja; if it fails, add_lora_cpu logs
+one warning and uses add_lora_grouped from then on.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from .lora_meta import LoRAMeta
+from .sgmv import add_lora_grouped
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("sgmv_cpu.cpp")
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]   # -fopenmp: at::parallel_for is OpenMP in the header
+MAX_SEG_LEN = 32    # longer segments go to ATen matmuls
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _build_dir() -> str:
+    """One build per source, flags, torch and CPU (-march=native code must not meet
+    another CPU through a shared home directory)."""
+    cpu = ""
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line for line in f if line.startswith("flags")), "")
+    key = hashlib.sha256(b"\0".join([
+        SOURCE.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode(),
+        platform.python_version().encode(), platform.machine().encode(), cpu.encode(),
+    ])).hexdigest()[:16]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "loraserve", "torch_extensions", f"sgmv_cpu-{key}")
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    build_dir = _build_dir()
+    os.makedirs(build_dir, exist_ok=True)
+    return cpp_extension.load(
+        name="loraserve_sgmv_cpu", sources=[str(SOURCE)], build_directory=build_dir,
+        extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False,
+    )
+
+
+@functools.cache
+def extension():
+    """The compiled module, or None (after one warning) when it cannot be built here."""
+    try:
+        return _build()
+    except Exception as e:  # no compiler, no ninja, a compile error: the torch path still works
+        logger.warning("CPU SGMV op unavailable, using the torch path (add_lora_grouped): %s", e)
+        return None
+
+
+def add_lora_cpu(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
+                 out_slices: list[tuple[int, int]], meta: LoRAMeta) -> torch.Tensor:
+    """CPU path: y += LoRA delta through the C++ op; add_lora_grouped for what it does not
+    take (other dtypes, strided tensors) or when it could not be built. Returns y."""
+    if not meta.has_lora:
+        return y                                   # no adapter in the step: no work at all
+    ext = extension() if _supported(y, x, A, Bs) else None
+    if ext is None:
+        return add_lora_grouped(y, x, A, Bs, out_slices, meta)
+    ext.add_lora(y, x, A, Bs, [off for off, _ in out_slices], meta.sorted_token_idx,
+                 meta.seg_starts, meta.seg_slots, meta.slot_ranks, MAX_SEG_LEN)
+    return y
+
+
+def _supported(y, x, A, Bs) -> bool:
+    return (y.dtype in DTYPES and x.dtype == y.dtype and A.dtype == y.dtype and not y.is_cuda
+            and y.stride(-1) == 1 and x.stride(-1) == 1 and A.is_contiguous()
+            and all(B.dtype == y.dtype and B.is_contiguous() for B in Bs))
