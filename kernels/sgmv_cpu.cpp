@@ -3,14 +3,15 @@
 //
 // Semantics: y[t, off_p : off_p + out_p] += (x[t] @ A[slot[t], :, :rank, p]) @ B_p[slot[t], :rank]
 //
-// A decode step has a few tokens per adapter, so the work is bandwidth-bound: each block
-// of up to kBlockM tokens streams its adapter's A once for the shrink (v = x @ A, fp32
-// accumulation in registers, MT tokens x NV vectors) and each B_p once for the expand
-// (y += v @ B_p). Blocks are independent (a token is in one block), so threads split the
-// blocks by weight bytes, and v never leaves the thread. Segments longer than
-// `max_seg_len` (prefill chunks) go to ATen's matmul instead, where blocked GEMM wins.
+// A decode step has a few tokens per adapter, so the work is bound by reading the
+// weights: each block of up to kBlockM tokens streams its adapter's A once for the shrink
+// (v = x @ A, fp32 accumulators in registers: MT tokens x kChunk columns) and each B_p once
+// for the expand (y += v @ B_p, rounded once into y). Blocks are independent (a token is in
+// one block), so the threads split them by weight bytes and v never leaves its thread.
+// Software prefetches run ahead of both loops. Segments longer than `max_seg_len`
+// (prefill chunks) go to ATen's matmul instead, where a blocked GEMM wins.
 // Portable C++ with GCC vector types: -march=native picks the vector ISA; on AVX-512 the
-// tail of a row (ranks that are not a multiple of 16 columns) is a masked load.
+// tail of a row (column counts that are not a multiple of the vector) is a masked load.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -19,6 +20,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -30,128 +32,236 @@ namespace {
 
 constexpr int L = 16;        // fp32 lanes per vector
 constexpr int MT = 4;        // tokens per register tile
-constexpr int kMaxNV = 4;    // vectors per register tile: MT * kMaxNV fp32 accumulators
+constexpr int kChunk = 64;   // columns per register tile: MT x 64 fp32 accumulators
 constexpr int kBlockM = 16;  // tokens per work item
+// Software prefetch distances (best of those tried on a decode step, Zen 5, 2 cores). A's
+// rows run into the next adapter's slab, which the hardware prefetcher would not start on;
+// a tile's B rows are ldb apart, more streams than the hardware prefetcher follows.
+constexpr int64_t kShrinkAheadBytes = 8192;  // A rows this far ahead of the shrink (4-16 KB alike)
+constexpr int kExpandAheadChunks = 2;        // each B row 2 column chunks ahead (1-8 tried)
 
 typedef float vf __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
 typedef uint16_t vh __attribute__((vector_size(32)));
 typedef float vf_u __attribute__((vector_size(64), aligned(4), may_alias));
+typedef uint32_t vu_u __attribute__((vector_size(64), aligned(2), may_alias));
 typedef uint16_t vh_u __attribute__((vector_size(32), aligned(2), may_alias));
 
 using bf16 = at::BFloat16;
 
-inline vf widen(vh h) { return (vf)(__builtin_convertvector(h, vu) << 16); }
+// A unit is one vector load of a weight row, W columns widened to NF fp32 vectors.
+// fp32: 16 columns, one vector. bf16: 32 columns as 16 words of (even, odd) column pairs,
+// split into a vector of the even and one of the odd columns by a shift and a mask
+// (two operations for 32 columns); the accumulators keep that split, and it is undone
+// once per tile, when v or y is written.
+template <typename T>
+struct Unit;
 
-inline vf load(const float* p) { return *(const vf_u*)p; }
-inline vf load(const bf16* p) { return widen(*(const vh_u*)p); }
-
-// the first n < L lanes, zeros after
-inline vf load_n(const float* p, int n) {
+template <>
+struct Unit<float> {
+  static constexpr int W = 16, NF = 1;
+  static inline void load(const float* p, int n, vf* out) {
+    if (n == W) {
+      out[0] = *(const vf_u*)p;
+      return;
+    }
 #ifdef SGMV_AVX512
-  return (vf)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
+    out[0] = (vf)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
 #else
-  vf v = {};
-  for (int i = 0; i < n; ++i) v[i] = p[i];
-  return v;
+    out[0] = vf{};
+    for (int i = 0; i < n; ++i) out[0][i] = p[i];
 #endif
-}
+  }
+  static inline void store_v(float* v, const vf* acc) { *(vf_u*)v = acc[0]; }
+  static inline void add_to(float* p, const vf* acc, int n) {   // p[:n] += acc[:n]
+    vf s;
+    load(p, n, &s);
+    s += acc[0];
+    if (n == W) {
+      *(vf_u*)p = s;
+    } else {
+      for (int i = 0; i < n; ++i) p[i] = s[i];
+    }
+  }
+};
 
-inline vf load_n(const bf16* p, int n) {
+template <>
+struct Unit<bf16> {
+  static constexpr int W = 32, NF = 2;
+  // the first n <= 32 columns as 16 words (zeros past n)
+  static inline vu load_words(const bf16* p, int n) {
+    if (n == W) return *(const vu_u*)p;
 #ifdef SGMV_AVX512
-  return widen((vh)_mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p));
+    return (vu)_mm512_maskz_loadu_epi16((__mmask32)((1u << n) - 1), p);
 #else
-  vh h = {};
-  for (int i = 0; i < n; ++i) h[i] = ((const uint16_t*)p)[i];
-  return widen(h);
+    vu u = {};
+    uint16_t* h = (uint16_t*)&u;
+    for (int i = 0; i < n; ++i) h[i] = ((const uint16_t*)p)[i];
+    return u;
 #endif
-}
-
-inline vf load_any(const float* p, int n) { return n == L ? load(p) : load_n(p, n); }
-inline vf load_any(const bf16* p, int n) { return n == L ? load(p) : load_n(p, n); }
-
-// p[:n] += acc[:n], rounded once to p's dtype (round to nearest even, as c10 does)
-inline void add_to(float* p, vf acc, int n) {
-  vf s = load_any(p, n) + acc;
-  if (n == L) {
-    *(vf_u*)p = s;
-  } else {
-    for (int i = 0; i < n; ++i) p[i] = s[i];
   }
-}
-
-inline void add_to(bf16* p, vf acc, int n) {
-  vf s = load_any(p, n) + acc;
-  vu u = (vu)s;
-  vu r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  vu nan = (vu)(s != s);
-  r = (r & ~nan) | (nan & 0x7FC0u);
-  vh h = __builtin_convertvector(r, vh);
-  if (n == L) {
-    *(vh_u*)p = h;
-  } else {
-    for (int i = 0; i < n; ++i) ((uint16_t*)p)[i] = h[i];
+  static inline void store_words(bf16* p, vu u, int n) {
+    if (n == W) {
+      *(vu_u*)p = u;
+      return;
+    }
+#ifdef SGMV_AVX512
+    _mm512_mask_storeu_epi16(p, (__mmask32)((1u << n) - 1), (__m512i)u);
+#else
+    for (int i = 0; i < n; ++i) ((uint16_t*)p)[i] = ((const uint16_t*)&u)[i];
+#endif
   }
-}
+  static inline void load(const bf16* p, int n, vf* out) {
+    const vu u = load_words(p, n);
+    out[0] = (vf)(u << 16);              // even columns
+    out[1] = (vf)(u & 0xFFFF0000u);      // odd columns
+  }
+  static inline void store_v(float* v, const vf* acc) {   // interleave back to column order
+    const vi lo = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+    const vi hi = lo + 8;
+    *(vf_u*)v = __builtin_shuffle(acc[0], acc[1], lo);
+    *(vf_u*)(v + 16) = __builtin_shuffle(acc[0], acc[1], hi);
+  }
+  // fp32 -> bf16 in the high half of each word, round to nearest even (NaN stays NaN)
+  static inline vu round_high(vf f) {
+    const vu u = (vu)f;
+    const vu r = u + 0x7FFFu + ((u >> 16) & 1u);
+    const vu nan = (vu)(f != f);
+    return (r & ~nan) | (nan & 0x7FC00000u);
+  }
+  static inline void add_to(bf16* p, const vf* acc, int n) {    // p[:n] += acc[:n], one rounding
+    const vu u = load_words(p, n);
+    const vf even = (vf)(u << 16) + acc[0], odd = (vf)(u & 0xFFFF0000u) + acc[1];
+    store_words(p, (round_high(even) >> 16) | (round_high(odd) & 0xFFFF0000u), n);
+  }
+  // A half unit: n <= 16 columns widened in order into one vector (rows of 16 columns,
+  // e.g. rank 16 of one projection, would waste half of a full unit's lanes).
+  static inline void load_half(const bf16* p, int n, vf* out) {
+    vh h;
+#ifdef SGMV_AVX512
+    h = n == L ? *(const vh_u*)p : (vh)_mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p);
+#else
+    h = vh{};
+    for (int i = 0; i < n; ++i) h[i] = ((const uint16_t*)p)[i];
+#endif
+    out[0] = (vf)(__builtin_convertvector(h, vu) << 16);
+  }
+  static inline void add_to_half(bf16* p, const vf* acc, int n) {
+    vf s;
+    load_half(p, n, &s);
+    const vh h = __builtin_convertvector(round_high(s + acc[0]) >> 16, vh);
+    if (n == L) {
+      *(vh_u*)p = h;
+    } else {
+      for (int i = 0; i < n; ++i) ((uint16_t*)p)[i] = h[i];
+    }
+  }
+};
 
-// v[m, :NV*L] = sum_k xs[m, k] * a[k, :NV*L]; the last vector holds `last` columns.
-// xs [MT, K] fp32, a rows `lda` apart, v [MT, ldv] fp32.
-template <typename T, int NV>
+// The last unit of a tile: a full unit, or (bf16, HALF) a half unit of <= 16 columns.
+template <typename T, bool HALF>
+struct Last {
+  static constexpr int NF = HALF ? 1 : Unit<T>::NF;
+  static inline void load(const T* p, int n, vf* out) {
+    if constexpr (HALF) Unit<T>::load_half(p, n, out); else Unit<T>::load(p, n, out);
+  }
+  static inline void store_v(float* v, const vf* acc) {
+    if constexpr (HALF) *(vf_u*)v = acc[0]; else Unit<T>::store_v(v, acc);
+  }
+  static inline void add_to(T* p, const vf* acc, int n) {
+    if constexpr (HALF) Unit<T>::add_to_half(p, acc, n); else Unit<T>::add_to(p, acc, n);
+  }
+};
+
+#define SGMV_UNROLL _Pragma("GCC unroll 16")
+
+// v[m, cols] = sum_k xs[m, k] * a[k, cols] over the tile's NU units (the last one holds
+// `last` columns). xs [MT, K] fp32, a rows `lda` apart, v [MT, ldv] fp32. The loops over
+// tokens and vectors unroll fully and `acc` is only read by value, so it stays in registers.
+template <typename T, int NU, bool HALF>
 void shrink_tile(const float* xs, const T* a, int64_t lda, int64_t K, int last, float* v, int64_t ldv) {
-  vf acc[MT][NV] = {};
+  using U = Unit<T>;
+  using E = Last<T, HALF>;
+  constexpr int NA = (NU - 1) * U::NF + E::NF;   // fp32 accumulators per token
+  const int64_t ahead = std::max<int64_t>(1, kShrinkAheadBytes / (lda * (int64_t)sizeof(T))) * lda;
+  vf acc[MT][NA] = {};
   for (int64_t k = 0; k < K; ++k) {
     const T* row = a + k * lda;
-    vf b[NV];
-    for (int j = 0; j < NV - 1; ++j) b[j] = load(row + j * L);
-    b[NV - 1] = load_any(row + (NV - 1) * L, last);
-    for (int m = 0; m < MT; ++m) {
+    const char* pa = (const char*)(row + ahead);
+    SGMV_UNROLL for (int i = 0; i < (int)(NU * U::W * sizeof(T)); i += 64) __builtin_prefetch(pa + i);
+    vf b[NA];
+    SGMV_UNROLL for (int j = 0; j < NU - 1; ++j) U::load(row + j * U::W, U::W, b + j * U::NF);
+    E::load(row + (NU - 1) * U::W, last, b + (NU - 1) * U::NF);
+    SGMV_UNROLL for (int m = 0; m < MT; ++m) {
       const float xm = xs[m * K + k];
-      for (int j = 0; j < NV; ++j) acc[m][j] += xm * b[j];
+      SGMV_UNROLL for (int j = 0; j < NA; ++j) acc[m][j] += xm * b[j];
     }
   }
-  for (int m = 0; m < MT; ++m)
-    for (int j = 0; j < NV; ++j) *(vf_u*)(v + m * ldv + j * L) = acc[m][j];
+  SGMV_UNROLL for (int m = 0; m < MT; ++m) {
+    vf out[NA];
+    SGMV_UNROLL for (int j = 0; j < NA; ++j) out[j] = acc[m][j];
+    SGMV_UNROLL for (int j = 0; j < NU - 1; ++j) U::store_v(v + m * ldv + j * U::W, out + j * U::NF);
+    E::store_v(v + m * ldv + (NU - 1) * U::W, out + (NU - 1) * U::NF);
+  }
 }
 
-// y_m[:NV*L] += sum_{k < rank} v[m, k * n_proj + p] * b[k, :NV*L] for the tile's real tokens
-template <typename T, int NV>
+// y_m[cols] += sum_{k < rank} v[m, k * n_proj + p] * b[k, cols] for the tile's real tokens
+template <typename T, int NU, bool HALF>
 void expand_tile(const float* v, int64_t ldv, int n_proj, int p, const T* b, int64_t ldb, int rank,
                  int last, T* const* y_rows, int mt) {
-  vf acc[MT][NV] = {};
+  using U = Unit<T>;
+  using E = Last<T, HALF>;
+  constexpr int NA = (NU - 1) * U::NF + E::NF;
+  vf acc[MT][NA] = {};
   for (int k = 0; k < rank; ++k) {
     const T* row = b + k * ldb;
-    // the rows of a chunk are ldb apart, too many streams for the hardware prefetcher:
-    // fetch this row's part of the chunk after next (measured best of 1-8 chunks ahead)
-    const char* ahead = (const char*)(row + 2 * kMaxNV * L);
-    for (int i = 0; i < (int)(kMaxNV * L * sizeof(T)); i += 64) __builtin_prefetch(ahead + i);
-    vf w[NV];
-    for (int j = 0; j < NV - 1; ++j) w[j] = load(row + j * L);
-    w[NV - 1] = load_any(row + (NV - 1) * L, last);
-    for (int m = 0; m < MT; ++m) {
+    const char* pb = (const char*)(row + kExpandAheadChunks * kChunk);
+    SGMV_UNROLL for (int i = 0; i < (int)(kChunk * sizeof(T)); i += 64) __builtin_prefetch(pb + i);
+    vf w[NA];
+    SGMV_UNROLL for (int j = 0; j < NU - 1; ++j) U::load(row + j * U::W, U::W, w + j * U::NF);
+    E::load(row + (NU - 1) * U::W, last, w + (NU - 1) * U::NF);
+    SGMV_UNROLL for (int m = 0; m < MT; ++m) {
       const float vm = v[m * ldv + k * n_proj + p];
-      for (int j = 0; j < NV; ++j) acc[m][j] += vm * w[j];
+      SGMV_UNROLL for (int j = 0; j < NA; ++j) acc[m][j] += vm * w[j];
     }
   }
-  for (int m = 0; m < mt; ++m)
-    for (int j = 0; j < NV; ++j) add_to(y_rows[m] + j * L, acc[m][j], j == NV - 1 ? last : L);
-}
-
-// Column chunks of kMaxNV vectors, the last one narrower: calls tile<NV>(c0, nv, last).
-template <typename F>
-void for_column_chunks(int64_t cols, F&& tile) {
-  for (int64_t c0 = 0; c0 < cols; c0 += kMaxNV * L) {
-    const int w = (int)std::min<int64_t>(kMaxNV * L, cols - c0);
-    const int nv = (w + L - 1) / L;
-    tile(c0, nv, w - (nv - 1) * L);
+  SGMV_UNROLL for (int m = 0; m < MT; ++m) {
+    if (m >= mt) break;
+    vf out[NA];
+    SGMV_UNROLL for (int j = 0; j < NA; ++j) out[j] = acc[m][j];
+    SGMV_UNROLL for (int j = 0; j < NU - 1; ++j) U::add_to(y_rows[m] + j * U::W, out + j * U::NF, U::W);
+    E::add_to(y_rows[m] + (NU - 1) * U::W, out + (NU - 1) * U::NF, last);
   }
 }
 
-#define SGMV_DISPATCH_NV(nv, ...)                 \
-  switch (nv) {                                   \
-    case 1: { constexpr int NV = 1; __VA_ARGS__; break; } \
-    case 2: { constexpr int NV = 2; __VA_ARGS__; break; } \
-    case 3: { constexpr int NV = 3; __VA_ARGS__; break; } \
-    default: { constexpr int NV = 4; __VA_ARGS__; break; } \
+// Column chunks of kChunk columns, the last one narrower: calls tile(c0, units, last unit's width).
+template <typename T, typename F>
+void for_column_chunks(int64_t cols, F&& tile) {
+  constexpr int W = Unit<T>::W;
+  for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {
+    const int w = (int)std::min<int64_t>(kChunk, cols - c0);
+    const int nu = (w + W - 1) / W;
+    tile(c0, nu, w - (nu - 1) * W);
+  }
+}
+
+// calls the body with constants NU = nu and HALF = (a bf16 last unit of <= 16 columns)
+#define SGMV_DISPATCH(T, nu, last, ...)                                                      \
+  if constexpr (std::is_same_v<T, bf16>) {                                                   \
+    const bool half = last <= L;                                                             \
+    if (nu == 1 && half) { constexpr int NU = 1; constexpr bool HALF = true; __VA_ARGS__; } \
+    else if (nu == 1) { constexpr int NU = 1; constexpr bool HALF = false; __VA_ARGS__; }   \
+    else if (half) { constexpr int NU = 2; constexpr bool HALF = true; __VA_ARGS__; }       \
+    else { constexpr int NU = 2; constexpr bool HALF = false; __VA_ARGS__; }                \
+  } else {                                                                                   \
+    constexpr bool HALF = false;                                                             \
+    switch (nu) {                                                                            \
+      case 1: { constexpr int NU = 1; __VA_ARGS__; break; }                                  \
+      case 2: { constexpr int NU = 2; __VA_ARGS__; break; }                                  \
+      case 3: { constexpr int NU = 3; __VA_ARGS__; break; }                                  \
+      default: { constexpr int NU = 4; __VA_ARGS__; break; }                                 \
+    }                                                                                        \
   }
 
 struct Step {
@@ -166,10 +276,10 @@ struct Block {
 };
 
 template <typename T>
-void run_block(const Step& s, const Block& blk, const T* x, const T* A, const std::vector<const T*>& Bs, T* y,
-               std::vector<float>& xs, std::vector<float>& v) {
+void run_block(const Step& s, const Block& blk, const T* x, const T* A,
+               const std::vector<const T*>& Bs, T* y, std::vector<float>& xs, std::vector<float>& v) {
   const int64_t C = blk.rank * s.n_proj;          // this adapter's shrink columns
-  const int64_t ldv = (C + L - 1) / L * L;
+  const int64_t ldv = (C + 31) / 32 * 32;         // whole units of either dtype
   xs.resize(MT * s.K);
   v.resize(MT * ldv);
   const T* a = A + blk.slot * s.lda_slot;
@@ -180,25 +290,23 @@ void run_block(const Step& s, const Block& blk, const T* x, const T* A, const st
       float* xm = xs.data() + m * s.K;
       if (m < mt) {
         const T* xr = x + s.tokens[m0 + m] * s.ldx;
-        int64_t k = 0;
-        for (; k + L <= s.K; k += L) *(vf_u*)(xm + k) = load(xr + k);
-        for (; k < s.K; ++k) xm[k] = (float)xr[k];
+        for (int64_t k = 0; k < s.K; ++k) xm[k] = (float)xr[k];
         y_rows[m] = y + s.tokens[m0 + m] * s.ldy;
       } else {
         std::fill(xm, xm + s.K, 0.f);
         y_rows[m] = nullptr;
       }
     }
-    for_column_chunks(C, [&](int64_t c0, int nv, int last) {
-      SGMV_DISPATCH_NV(nv, shrink_tile<T, NV>(xs.data(), a + c0, s.lda, s.K, last, v.data() + c0, ldv));
+    for_column_chunks<T>(C, [&](int64_t c0, int nu, int last) {
+      SGMV_DISPATCH(T, nu, last, shrink_tile<T, NU, HALF>(xs.data(), a + c0, s.lda, s.K, last, v.data() + c0, ldv));
     });
     for (int64_t p = 0; p < s.n_proj; ++p) {
       const T* b = Bs[p] + blk.slot * s.ldb_slot[p];
-      for_column_chunks(s.outs[p], [&](int64_t c0, int nv, int last) {
+      for_column_chunks<T>(s.outs[p], [&](int64_t c0, int nu, int last) {
         T* rows[MT];
         for (int m = 0; m < MT; ++m) rows[m] = y_rows[m] ? y_rows[m] + s.offs[p] + c0 : nullptr;
-        SGMV_DISPATCH_NV(nv, expand_tile<T, NV>(v.data(), ldv, (int)s.n_proj, (int)p, b + c0, s.outs[p],
-                                                (int)blk.rank, last, rows, mt));
+        SGMV_DISPATCH(T, nu, last, expand_tile<T, NU, HALF>(v.data(), ldv, (int)s.n_proj, (int)p, b + c0, s.outs[p],
+                                                            (int)blk.rank, last, rows, mt));
       });
     }
   }
@@ -292,10 +400,9 @@ void add_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const std:
     at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
       std::vector<float> xs, v;
       for (int64_t w = w0; w < w1; ++w)
-        for (size_t i = 0; i < blocks.size(); ++i) {
-          const double mid = 0.5 * (cost[i] + cost[i + 1]);
-          if ((int64_t)(mid * workers / total) == w) run_block<T>(s, blocks[i], xp, ap, bp, yp, xs, v);
-        }
+        for (size_t i = 0; i < blocks.size(); ++i)
+          if ((int64_t)(0.5 * (cost[i] + cost[i + 1]) * workers / total) == w)
+            run_block<T>(s, blocks[i], xp, ap, bp, yp, xs, v);
     });
   };
   if (y.scalar_type() == at::kFloat) work(float{});
