@@ -312,18 +312,43 @@ void run_block(const Step& s, const Block& blk, const T* x, const T* A,
   }
 }
 
-// One long segment through ATen (blocked GEMM): the same math, v rounded to x's dtype.
-void run_long_segment(at::Tensor& y, const at::Tensor& x, const at::Tensor& A,
-                      const std::vector<at::Tensor>& Bs, const Step& s, const at::Tensor& tokens,
-                      const Block& blk) {
-  const int64_t C = blk.rank * s.n_proj;
-  auto idx = tokens.narrow(0, blk.p0, blk.p1 - blk.p0);
-  auto a = A[blk.slot].view({s.K, -1}).narrow(1, 0, C);                  // [K, C]
-  auto v = at::mm(x.index_select(0, idx), a).view({-1, blk.rank, s.n_proj});  // [M, rank, n_proj]
-  for (int64_t p = 0; p < s.n_proj; ++p) {
-    auto out = at::mm(v.select(2, p), Bs[p][blk.slot].narrow(0, 0, blk.rank));  // [M, out_p]
-    y.narrow(1, s.offs[p], s.outs[p]).index_add_(0, idx, out);
-  }
+// One long segment through ATen (blocked GEMM): the same math, with v rounded to x's dtype,
+// accumulated in place into y's rows (a view when the tokens are consecutive, the common
+// case: the runner orders tokens by slot; else gathered and scattered back).
+void run_long_segment(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, const std::vector<at::Tensor>& Bs,
+                      const Step& s, const at::Tensor& tokens, const Block& blk) {
+  const int64_t M = blk.p1 - blk.p0, t0 = s.tokens[blk.p0];
+  bool consecutive = true;
+  for (int64_t i = 1; i < M && consecutive; ++i) consecutive = s.tokens[blk.p0 + i] == t0 + i;
+  const auto idx = tokens.narrow(0, blk.p0, M);
+  const auto xs = consecutive ? x.narrow(0, t0, M) : x.index_select(0, idx);
+  auto ys = consecutive ? y.narrow(0, t0, M) : y.index_select(0, idx);
+  const auto a = A[blk.slot].view({s.K, -1}).narrow(1, 0, blk.rank * s.n_proj);  // [K, rank * n_proj]
+  const auto v = at::mm(xs, a).view({M, blk.rank, s.n_proj});
+  for (int64_t p = 0; p < s.n_proj; ++p)
+    ys.narrow(1, s.offs[p], s.outs[p]).addmm_(v.select(2, p), Bs[p][blk.slot].narrow(0, 0, blk.rank));
+  if (!consecutive) y.index_copy_(0, idx, ys);
+}
+
+// The short segments' blocks on all threads: worker w takes the blocks whose middle byte
+// (cost: prefix sums of the blocks' weight bytes) falls in its 1/workers of the total.
+template <typename T>
+void run_blocks(const Step& s, const std::vector<Block>& blocks, const std::vector<double>& cost,
+                const at::Tensor& x, const at::Tensor& A, const std::vector<at::Tensor>& Bs, at::Tensor& y) {
+  const T* xp = (const T*)x.data_ptr();
+  const T* ap = (const T*)A.data_ptr();
+  T* yp = (T*)y.data_ptr();
+  std::vector<const T*> bp;
+  for (const auto& B : Bs) bp.push_back((const T*)B.data_ptr());
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), (int64_t)blocks.size());
+  const double total = cost.back();
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
+    std::vector<float> xs, v;
+    for (int64_t w = w0; w < w1; ++w)
+      for (size_t i = 0; i < blocks.size(); ++i)
+        if ((int64_t)(0.5 * (cost[i] + cost[i + 1]) * workers / total) == w)
+          run_block<T>(s, blocks[i], xp, ap, bp, yp, xs, v);
+  });
 }
 
 }  // namespace
@@ -384,26 +409,10 @@ void add_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const std:
       cost.push_back(cost.back() + (double)rank * (s.K * s.n_proj + out_total) * (1.0 + 0.25 * (tiles - 1)));
     }
   }
-  for (const auto& blk : long_segs) run_long_segment(y, x, A, Bs, s, tokens, blk);
-  if (blocks.empty()) return;
-
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), (int64_t)blocks.size());
-  const double total = cost.back();
   auto work = [&](auto tag) {
     using T = decltype(tag);
-    const T* xp = (const T*)x.data_ptr();
-    const T* ap = (const T*)A.data_ptr();
-    T* yp = (T*)y.data_ptr();
-    std::vector<const T*> bp;
-    for (const auto& B : Bs) bp.push_back((const T*)B.data_ptr());
-    // worker w takes the blocks whose middle byte falls in its 1/workers of the total
-    at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
-      std::vector<float> xs, v;
-      for (int64_t w = w0; w < w1; ++w)
-        for (size_t i = 0; i < blocks.size(); ++i)
-          if ((int64_t)(0.5 * (cost[i] + cost[i + 1]) * workers / total) == w)
-            run_block<T>(s, blocks[i], xp, ap, bp, yp, xs, v);
-    });
+    for (const auto& blk : long_segs) run_long_segment(y, x, A, Bs, s, tokens, blk);
+    if (!blocks.empty()) run_blocks<T>(s, blocks, cost, x, A, Bs, y);
   };
   if (y.scalar_type() == at::kFloat) work(float{});
   else work(bf16{});

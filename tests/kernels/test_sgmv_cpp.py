@@ -89,7 +89,7 @@ def test_op_matches_oracle(ext, kind, n_proj, rank, dtype):
 @pytest.mark.parametrize("max_seg_len", [0, 10**6], ids=["all_aten", "all_blocks"])
 @pytest.mark.parametrize("kind", ["one_long_segment", "shuffled_with_base"])
 def test_long_segments_either_way(ext, monkeypatch, kind, max_seg_len, dtype):
-    monkeypatch.setattr(sgmv_cpu, "MAX_SEG_LEN", max_seg_len)
+    monkeypatch.setitem(sgmv_cpu.MAX_SEG_LEN, dtype, max_seg_len)
     check(kind, dtype, RANKS["mixed"], OUTS[3])
 
 
