@@ -147,14 +147,14 @@ def _paged_decode_kernel(
         kv_ptrs = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_col
         kv_mask = p_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0)       # [BLOCK_N, D_PAD]
-        s = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE))) * scale_log2
+        s = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision="ieee") * scale_log2
         s = tl.where(p_mask[None, :], s, float("-inf"))                   # [GROUP_PAD, BLOCK_N]
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee")
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]                    # ctx 0 (padding): zeros
     tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
@@ -203,14 +203,14 @@ def _paged_prefill_kernel(
         kv_ptrs = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_col
         kv_mask = p_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0)
-        s = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE))) * scale_log2   # [BLOCK_R, BLOCK_N]
+        s = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision="ieee") * scale_log2   # [BLOCK_R, BLOCK_N]
         s = tl.where(p_mask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE))
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee")
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + row[:, None] * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
