@@ -93,42 +93,128 @@ def lora_weights(num_slots: int, in_features: int, outs: list[int], rank: int, d
     return A, Bs
 
 
+def layer_copies(timer: Timer, bytes_per_layer: int, cap: int = 64) -> int:
+    """Distinct weight copies a timed graph cycles through, so that together they
+    overflow the L2 cache as a model's layers do (a decode step never finds adapter
+    weights in L2). Few bytes (one adapter) stay L2-resident even at the cap."""
+    if not timer.cuda:
+        return 1
+    import torch
+
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return max(1, min(cap, -(-2 * l2 // max(1, bytes_per_layer))))
+
+
+def per_call(timer: Timer, fn, copies: int) -> float:
+    """ms per call of `fn(i)`, i over the copies, replayed back to back in one CUDA graph
+    (a decode step runs under CUDA graphs: this leaves launch overhead out)."""
+    return timer(lambda: [fn(i) for i in range(copies)], graph=True) / copies
+
+
+class LoRAProblem:
+    """One decode-shaped LoRA problem, with weight copies enough to defeat the L2 cache."""
+
+    def __init__(self, timer, device, hidden_in, outs, rank, num_adapters, batch, dtype):
+        import torch
+
+        from loraserve.kernels import build_lora_meta, sgmv_shrink
+
+        slots = [t % num_adapters for t in range(batch)]
+        used = len(set(slots))
+        self.out_slices = [(sum(outs[:i]), o) for i, o in enumerate(outs)]
+        weight_bytes = used * rank * (hidden_in * len(outs) + sum(outs)) * 2
+        self.copies = layer_copies(timer, weight_bytes)
+        self.weights = [lora_weights(num_adapters, hidden_in, outs, rank, dtype, device) for _ in range(self.copies)]
+        self.meta = build_lora_meta(slots, [rank] * num_adapters, device=device, dtype=dtype)
+        self.x = torch.randn(batch, hidden_in, dtype=dtype, device=device)
+        self.y = torch.zeros(batch, sum(outs), dtype=dtype, device=device)
+        self.v = sgmv_shrink(self.x, self.weights[0][0], self.meta)
+        self.shrink_bytes = self.x.numel() * 2 + used * hidden_in * rank * len(outs) * 2 + self.v.numel() * 4
+        self.expand_bytes = self.v.numel() * 4 + used * rank * sum(outs) * 2 + 2 * self.y.numel() * 2
+
+    def shrink(self, impl):
+        return lambda i: impl(self.x, self.weights[i][0], self.meta)
+
+    def expand(self, impl):
+        return lambda i: impl(self.y, self.v, self.weights[i][1], self.out_slices, self.meta)
+
+    def add(self, impl):
+        return lambda i: impl(self.y, self.x, *self.weights[i], self.out_slices, self.meta)
+
+
 def bench_lora(shapes: Shapes, timer: Timer, device: str, copy_gbs: float) -> None:
     import torch
 
     from loraserve.kernels import (add_lora_bgmv, add_lora_grouped, add_lora_triton, bgmv_expand, bgmv_shrink,
-                                   build_lora_meta, sgmv_expand, sgmv_shrink)
+                                   sgmv_expand, sgmv_shrink)
 
     dtype = torch.bfloat16
     h, r = shapes.hidden, shapes.rank
-    max_slots = max(shapes.adapter_counts)
-    A, Bs = lora_weights(max_slots, h, [h], r, dtype, device)
-    out_slices = [(0, h)]
-    print(f"\n## LoRA decode: hidden {h}, rank {r}, one projection, {dtype}; GB/s and % of copy bandwidth")
+    print(f"\n## LoRA decode: hidden {h}, rank {r}, one projection, {dtype}; GB/s and % of copy bandwidth "
+          "(CUDA-graph replay over weight copies that overflow L2)")
     print(f"{'adapters':>8} {'batch':>5} | {'sgmv shrink':>18} {'sgmv expand':>18} | {'bgmv shrink':>18} "
           f"{'bgmv expand':>18} | {'triton us':>9} {'bgmv us':>8} {'torch us':>8} {'torch/triton':>12}")
     for num_adapters in shapes.adapter_counts:
         for batch in shapes.batches:
-            slots = [t % num_adapters for t in range(batch)]
-            used = len(set(slots))
-            meta = build_lora_meta(slots, [r] * max_slots, device=device, dtype=dtype)
-            x = torch.randn(batch, h, dtype=dtype, device=device)
-            y = torch.zeros(batch, h, dtype=dtype, device=device)
-            v = sgmv_shrink(x, A, meta)
-            shrink_bytes = x.numel() * 2 + used * h * r * 2 + v.numel() * 4
-            expand_bytes = v.numel() * 4 + used * r * h * 2 + 2 * y.numel() * 2
+            pb = LoRAProblem(timer, device, h, [h], r, num_adapters, batch, dtype)
 
             def gbs(ms, nbytes):
                 return f"{nbytes / ms / 1e6:8.0f} {100 * nbytes / ms / 1e6 / copy_gbs:7.1f}%"
-            row = [gbs(timer(lambda: sgmv_shrink(x, A, meta)), shrink_bytes),
-                   gbs(timer(lambda: sgmv_expand(y, v, Bs, out_slices, meta)), expand_bytes),
-                   gbs(timer(lambda: bgmv_shrink(x, A, meta)), shrink_bytes),
-                   gbs(timer(lambda: bgmv_expand(y, v, Bs, out_slices, meta)), expand_bytes)]
-            t_triton = timer(lambda: add_lora_triton(y, x, A, Bs, out_slices, meta))
-            t_bgmv = timer(lambda: add_lora_bgmv(y, x, A, Bs, out_slices, meta))
-            t_torch = timer(lambda: add_lora_grouped(y, x, A, Bs, out_slices, meta))
+            row = [gbs(per_call(timer, pb.shrink(sgmv_shrink), pb.copies), pb.shrink_bytes),
+                   gbs(per_call(timer, pb.expand(sgmv_expand), pb.copies), pb.expand_bytes),
+                   gbs(per_call(timer, pb.shrink(bgmv_shrink), pb.copies), pb.shrink_bytes),
+                   gbs(per_call(timer, pb.expand(bgmv_expand), pb.copies), pb.expand_bytes)]
+            t_triton = per_call(timer, pb.add(add_lora_triton), pb.copies)
+            t_bgmv = per_call(timer, pb.add(add_lora_bgmv), pb.copies)
+            t_torch = timer(lambda: pb.add(add_lora_grouped)(0))       # eager: its meta is host-side
             print(f"{num_adapters:>8} {batch:>5} | {row[0]:>18} {row[1]:>18} | {row[2]:>18} {row[3]:>18} | "
                   f"{t_triton * 1e3:9.1f} {t_bgmv * 1e3:8.1f} {t_torch * 1e3:8.1f} {t_torch / t_triton:12.2f}")
+            del pb
+
+
+TUNE_SHAPES = [  # (in, outs, adapters, batch): decode shapes of the kernels and of Llama-3.2-1B's layers
+    (4096, [4096], 64, 64), (4096, [4096], 64, 256), (4096, [4096], 64, 16), (4096, [4096], 8, 64),
+    (4096, [4096], 1, 64), (2048, [2048, 512, 512], 64, 64), (8192, [2048], 64, 256), (2048, [8192, 8192], 64, 64),
+]
+
+
+def tune(timer: Timer, device: str) -> None:
+    """Sweep the GPU launch block sizes (kernels/sgmv.py GpuLaunch) on decode shapes,
+    print the summed time of each setting, best first, and keep the best for the rest
+    of the run."""
+    import dataclasses
+    import itertools
+
+    import torch
+
+    from loraserve.kernels import sgmv, sgmv_expand, sgmv_shrink
+
+    problems = [LoRAProblem(timer, device, i, outs, 16, n, b, torch.bfloat16) for i, outs, n, b in TUNE_SHAPES]
+    default = dataclasses.replace(sgmv.GPU_LAUNCH)
+    best = {}
+    sweeps = {
+        "shrink": (sgmv_shrink, dict(shrink_block_k=[64, 128, 256], shrink_min_programs=[256, 512, 1024],
+                                     shrink_warps=[2, 4], shrink_stages=[2, 4])),
+        "expand": (sgmv_expand, dict(expand_block_n=[128, 256], expand_cols=[256, 1024, 4096],
+                                     expand_warps=[2, 4])),
+    }
+    for name, (impl, grid) in sweeps.items():
+        results = []
+        for values in itertools.product(*grid.values()):
+            setting = dict(zip(grid, values))
+            sgmv.GPU_LAUNCH = dataclasses.replace(default, **setting)
+            pick = (lambda p: p.shrink(impl)) if name == "shrink" else (lambda p: p.expand(impl))
+            times = [per_call(timer, pick(p), p.copies) * 1e3 for p in problems]
+            results.append((sum(times), setting, times))
+        sgmv.GPU_LAUNCH = default
+        results.sort(key=lambda r: r[0])
+        best.update(results[0][1])
+        print(f"\n## tune {name}: summed us over {len(problems)} decode shapes, then per shape")
+        for total, setting, times in results[:6] + [r for r in results if all(
+                getattr(default, k) == v for k, v in r[1].items())]:
+            print(f"{total:8.1f}  {setting}  " + " ".join(f"{t:.1f}" for t in times))
+    sgmv.GPU_LAUNCH = dataclasses.replace(default, **best)
+    print(f"\nthe rest of this run uses {sgmv.GPU_LAUNCH}")
 
 
 def paged_cache(num_seqs: int, context_len: int, kv_heads: int, head_dim: int, block_size: int, dtype, device):
@@ -256,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; on CPU through the Triton interpreter")
     parser.add_argument("--only", choices=["lora", "attention", "model"], help="run one section")
+    parser.add_argument("--tune", action="store_true",
+                        help="first sweep the SGMV launch block sizes; print them and use the best")
     args = parser.parse_args(argv)
 
     import torch
@@ -281,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {name}: measured copy bandwidth {copy_gbs:.0f} GB/s")
     torch.manual_seed(0)
     with torch.inference_mode():
+        if args.tune:
+            tune(timer, device)
         if args.only in (None, "lora"):
             bench_lora(shapes, timer, device, copy_gbs)
         if args.only in (None, "attention"):

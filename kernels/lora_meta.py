@@ -13,8 +13,10 @@ orders tokens by slot, so in the common decode step (every request has an adapte
 many requests per adapter) the rows are x itself and no gather is needed.
 
 The Triton path cuts segments into blocks of at most SGMV_BLOCK_M tokens instead, one
-program row per block: `block_segs[b]` is block b's segment and `block_starts[b]` its first
-position in sorted_token_idx (segments [0, 3, 5] -> block_starts [0, 3], block_segs [0, 1]).
+program row per block: block b covers sorted positions [block_starts[b], block_ends[b])
+of adapter slot block_slots[b], at rank block_ranks[b] (segments [0, 3, 5], slots [0, 2]
+-> block_starts [0, 3], block_ends [3, 5], block_slots [0, 2]). Per-block copies rather
+than indices into the segment arrays, so a program reads them all at once.
 """
 
 from __future__ import annotations
@@ -46,10 +48,11 @@ class LoRAMeta:
     inv_idx: torch.Tensor | None = None  # [T] int64: each token's cell in the rows; no-adapter -> the extra zero cell
     all_tokens_have_lora: bool = True    # no token points at the extra zero cell
     rows_are_tokens: bool = False        # the rows are x itself, in order: no gather, no scatter
-    # token blocks (Triton path): block b holds sorted positions
-    # [block_starts[b], min(block_starts[b] + SGMV_BLOCK_M, seg_starts[block_segs[b] + 1]))
-    block_segs: torch.Tensor | None = None    # [NB] int32: segment of block b; -1 = padding, no work
+    # token blocks (Triton path): block b holds sorted positions [block_starts[b], block_ends[b])
+    block_slots: torch.Tensor | None = None   # [NB] int32: adapter slot of block b; -1 = padding, no work
+    block_ranks: torch.Tensor | None = None   # [NB] int32: that slot's rank
     block_starts: torch.Tensor | None = None  # [NB] int32
+    block_ends: torch.Tensor | None = None    # [NB] int32
 
     @property
     def num_segments(self) -> int:
@@ -84,8 +87,8 @@ def build_lora_meta(
         order.extend(by_slot[s])
         seg_starts.append(len(order))
     row_len, row_slots, pad_idx, has_pad = _rows(by_slot, slots)
-    block_starts = [b for i in range(len(slots)) for b in range(seg_starts[i], seg_starts[i + 1], SGMV_BLOCK_M)]
-    block_segs = [i for i in range(len(slots)) for _ in range(seg_starts[i], seg_starts[i + 1], SGMV_BLOCK_M)]
+    blocks = [(b, min(b + SGMV_BLOCK_M, seg_starts[i + 1]), s)
+              for i, s in enumerate(slots) for b in range(seg_starts[i], seg_starts[i + 1], SGMV_BLOCK_M)]
     num_rows = len(row_slots)
     inv_idx = [num_rows * row_len] * len(token_slots)          # the zero cell past the rows
     for cell, t in enumerate(pad_idx):
@@ -114,8 +117,10 @@ def build_lora_meta(
         inv_idx=torch.tensor(inv_idx, **i64),
         all_tokens_have_lora=len(order) == len(token_slots),
         rows_are_tokens=pad_idx == list(range(len(token_slots))),
-        block_segs=torch.tensor(block_segs, **i32),
-        block_starts=torch.tensor(block_starts, **i32),
+        block_slots=torch.tensor([s for _, _, s in blocks], **i32),
+        block_ranks=torch.tensor([slot_ranks[s] for _, _, s in blocks], **i32),
+        block_starts=torch.tensor([b for b, _, _ in blocks], **i32),
+        block_ends=torch.tensor([e for _, e, _ in blocks], **i32),
     )
 
 
@@ -141,7 +146,7 @@ def _rows(by_slot: dict[int, list[int]], slots: list[int]):
 class LoRAMetaBuffers:
     """The Triton path's metadata preallocated at its maximum size, for steps replayed
     from a CUDA graph captured at `max_tokens` tokens: `fill` writes each step's metadata
-    into the same device memory, padded (slot -1 tokens, block_segs -1: no work), and the
+    into the same device memory, padded (slot -1 tokens and blocks: no work), and the
     launchers size their grids from these buffer shapes only, so the captured launches
     stay valid. The step's x and y are padded to max_tokens rows as well; capture with a
     step that has adapters (a meta whose has_lora is false launches nothing)."""
@@ -157,8 +162,10 @@ class LoRAMetaBuffers:
             "seg_starts": (torch.zeros(max_loras + 1, **i32), 0),
             "seg_slots": (torch.zeros(max_loras, **i32), 0),
             "slot_ranks": (torch.zeros(max_loras, **i32), 0),
-            "block_segs": (torch.full((max_blocks,), -1, **i32), -1),
+            "block_slots": (torch.full((max_blocks,), -1, **i32), -1),
+            "block_ranks": (torch.zeros(max_blocks, **i32), 0),
             "block_starts": (torch.zeros(max_blocks, **i32), 0),
+            "block_ends": (torch.zeros(max_blocks, **i32), 0),
         }
 
     def fill(self, token_slots: list[int], slot_ranks: list[int]) -> LoRAMeta:

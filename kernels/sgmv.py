@@ -23,6 +23,7 @@ v[t, j * n_proj + p] = x[t] @ A[slot[t], :, j, p].
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -82,24 +83,25 @@ def add_lora_grouped(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list
 
 def _sgmv_shrink_kernel(
     x_ptr, a_ptr, v_ptr,
-    sorted_idx_ptr, seg_starts_ptr, seg_slots_ptr, slot_ranks_ptr, block_segs_ptr, block_starts_ptr,
+    sorted_idx_ptr, block_slots_ptr, block_ranks_ptr, block_starts_ptr, block_ends_ptr,
     in_features, stride_xt, stride_al, stride_ai, stride_vt,
     N_PROJ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Semantics: v[t, :rank*n_proj] = x[t] @ A[slot[t]].view(in, -1)[:, :rank*n_proj].
-    Grid (block, column block, split-K); x rows are gathered through sorted_token_idx."""
-    seg = tl.load(block_segs_ptr + tl.program_id(0))
-    if seg < 0:
+    Grid (block, column block, split-K); x rows are gathered through sorted_token_idx.
+    A block's slot, rank and token range are read in one go (no chain of dependent loads
+    before the weights stream: decode programs are short)."""
+    blk = tl.program_id(0)
+    slot = tl.load(block_slots_ptr + blk)
+    cols = tl.load(block_ranks_ptr + blk) * N_PROJ          # this adapter's columns
+    start = tl.load(block_starts_ptr + blk)
+    end = tl.load(block_ends_ptr + blk)
+    if slot < 0 or tl.program_id(1) * BLOCK_N >= cols:
         return
-    slot = tl.load(seg_slots_ptr + seg)
-    cols = tl.load(slot_ranks_ptr + slot) * N_PROJ          # this adapter's columns
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if tl.program_id(1) * BLOCK_N >= cols:
-        return
-    start = tl.load(block_starts_ptr + tl.program_id(0))
     offs_m = start + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < tl.load(seg_starts_ptr + seg + 1)
+    m_mask = offs_m < end
     tok = tl.load(sorted_idx_ptr + offs_m, mask=m_mask, other=0)       # [BLOCK_M] int64
     n_mask = offs_n < cols
     x_rows = x_ptr + tok[:, None] * stride_xt
@@ -120,49 +122,52 @@ def _sgmv_shrink_kernel(
 
 def _sgmv_expand_kernel(
     y_ptr, v_ptr, b0_ptr, b1_ptr, b2_ptr, proj_ptr,
-    sorted_idx_ptr, seg_starts_ptr, seg_slots_ptr, slot_ranks_ptr, block_segs_ptr, block_starts_ptr,
+    sorted_idx_ptr, block_slots_ptr, block_ranks_ptr, block_starts_ptr, block_ends_ptr,
     stride_yt, stride_vt,
     N_PROJ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    COLS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Semantics: y[t, off_p + n] += v[t, p::n_proj][:rank] @ B_p[slot[t], :rank, n].
-    Grid (block, projection, column block); proj_ptr [n_proj, 4] int64 holds
-    (column offset, out_p, B_p stride 0, B_p stride 1) per projection."""
-    seg = tl.load(block_segs_ptr + tl.program_id(0))
-    if seg < 0:
-        return
+    Grid (block, projection, group of COLS columns, looped BLOCK_N at a time: the set-up
+    is paid once per group); proj_ptr [n_proj, 4] int64 holds (column offset, out_p,
+    B_p stride 0, B_p stride 1) per projection."""
+    blk = tl.program_id(0)
     p = tl.program_id(1)
+    slot = tl.load(block_slots_ptr + blk)
+    rank = tl.load(block_ranks_ptr + blk)
+    start = tl.load(block_starts_ptr + blk)
+    end = tl.load(block_ends_ptr + blk)
     out_p = tl.load(proj_ptr + p * 4 + 1)
-    if tl.program_id(2) * BLOCK_N >= out_p:
+    first_col = tl.program_id(2) * COLS
+    if slot < 0 or first_col >= out_p:
         return
-    slot = tl.load(seg_slots_ptr + seg)
-    rank = tl.load(slot_ranks_ptr + slot)
     if p == 0:
         b_ptr = b0_ptr
     elif p == 1:
         b_ptr = b1_ptr
     else:
         b_ptr = b2_ptr
-    start = tl.load(block_starts_ptr + tl.program_id(0))
     offs_m = start + tl.arange(0, BLOCK_M)
-    m_mask = offs_m < tl.load(seg_starts_ptr + seg + 1)
+    m_mask = offs_m < end
     tok = tl.load(sorted_idx_ptr + offs_m, mask=m_mask, other=0)       # [BLOCK_M] int64
-    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < out_p
     v_rows = v_ptr + tok[:, None] * stride_vt + p
-    b_cols = b_ptr + slot.to(tl.int64) * tl.load(proj_ptr + p * 4 + 2) + offs_n[None, :]
+    b_slot = b_ptr + slot.to(tl.int64) * tl.load(proj_ptr + p * 4 + 2)
     stride_br = tl.load(proj_ptr + p * 4 + 3)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, rank, BLOCK_K):                              # the slot's rank, not r_max
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < rank
-        vt = tl.load(v_rows + offs_k[None, :] * N_PROJ, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        bt = tl.load(b_cols + offs_k[:, None] * stride_br, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        acc += tl.dot(vt.to(DOT_DTYPE), bt.to(DOT_DTYPE), input_precision=PRECISION)
-    y_ptrs = y_ptr + tok[:, None] * stride_yt + tl.load(proj_ptr + p * 4) + offs_n[None, :]
-    mask = m_mask[:, None] & n_mask[None, :]
-    y = tl.load(y_ptrs, mask=mask, other=0.0)
-    tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
+    y_rows = y_ptr + tok[:, None] * stride_yt + tl.load(proj_ptr + p * 4)
+    for n0 in range(first_col, tl.minimum(first_col + COLS, out_p), BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < out_p
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, rank, BLOCK_K):                          # the slot's rank, not r_max
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_mask = offs_k < rank
+            vt = tl.load(v_rows + offs_k[None, :] * N_PROJ, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            bt = tl.load(b_slot + offs_k[:, None] * stride_br + offs_n[None, :],
+                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc += tl.dot(vt.to(DOT_DTYPE), bt.to(DOT_DTYPE), input_precision=PRECISION)
+        mask = m_mask[:, None] & n_mask[None, :]
+        y = tl.load(y_rows + offs_n[None, :], mask=mask, other=0.0)
+        tl.store(y_rows + offs_n[None, :], (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _bgmv_shrink_kernel(
@@ -238,11 +243,27 @@ def _bgmv_expand_kernel(
 # Launchers: check the contract, pick block sizes, launch. The grid depends only on tensor
 # shapes (never on values read back from the device), so a launch can be graph-captured.
 
-def _split_k(programs: int, in_features: int, block_k: int) -> int:
-    """Split the reduction when there are too few programs to fill the device (a decode
-    step with one adapter is a handful of blocks streaming all of A)."""
+@dataclass
+class GpuLaunch:
+    """Block sizes of the compiled (GPU) launches; `benchmarks/kernels.py --tune` sweeps
+    them on decode shapes. The interpreter uses its own (fewer, larger programs)."""
+    shrink_block_k: int = 128
+    shrink_min_programs: int = 512     # split the reduction until this many programs run
+    shrink_warps: int = 4
+    shrink_stages: int = 4
+    expand_block_n: int = 256
+    expand_cols: int = 256             # columns one program loops over, BLOCK_N at a time
+    expand_warps: int = 2
+
+
+GPU_LAUNCH = GpuLaunch()
+
+
+def _split_k(programs: int, in_features: int, block_k: int, min_programs: int) -> int:
+    """Split the reduction when there are too few programs to keep enough loads in flight
+    (a decode step with few adapters is a handful of blocks streaming all of A)."""
     split = 1
-    while programs * split < 128 and in_features >= block_k * split * 2:
+    while programs * split < min_programs and in_features >= block_k * split * 2:
         split *= 2
     return split
 
@@ -287,21 +308,21 @@ def sgmv_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta) -> torch.Tenso
     _check_lora_args(x, A, meta)
     _, in_features, r_max, n_proj = A.shape
     v = torch.zeros(x.shape[0], r_max * n_proj, dtype=torch.float32, device=x.device)
-    num_blocks = meta.block_segs.numel()
+    num_blocks = meta.block_slots.numel()
     if not meta.has_lora or num_blocks == 0:
         return v                                     # no adapter in the step: no launch
     interpret = triton.knobs.runtime.interpret
     block_n = min(64, max(16, triton.next_power_of_2(r_max * n_proj)))
-    block_k = 256 if interpret else 64
+    block_k = 256 if interpret else GPU_LAUNCH.shrink_block_k
     grid_n = triton.cdiv(r_max * n_proj, block_n)
-    split_k = _split_k(num_blocks * grid_n, in_features, block_k)
+    split_k = _split_k(num_blocks * grid_n, in_features, block_k, GPU_LAUNCH.shrink_min_programs)
     kernel(_sgmv_shrink_kernel)[(num_blocks, grid_n, split_k)](
         x, A, v,
-        meta.sorted_token_idx, meta.seg_starts, meta.seg_slots, meta.slot_ranks,
-        meta.block_segs, meta.block_starts,
+        meta.sorted_token_idx, meta.block_slots, meta.block_ranks, meta.block_starts, meta.block_ends,
         in_features, x.stride(0), A.stride(0), A.stride(1), v.stride(0),
         N_PROJ=n_proj, BLOCK_M=SGMV_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
         DOT_DTYPE=dot_dtype(x.dtype), PRECISION="ieee",
+        num_warps=GPU_LAUNCH.shrink_warps, num_stages=GPU_LAUNCH.shrink_stages,
     )
     return v
 
@@ -312,21 +333,21 @@ def sgmv_expand(y: torch.Tensor, v: torch.Tensor, Bs: list[torch.Tensor],
     v [T, r_max * n_proj] fp32 from sgmv_shrink; y may be a column slice of a wider output.
     Returns y, updated in place."""
     proj = _proj_table(y, v, Bs, out_slices, meta)
-    num_blocks = meta.block_segs.numel()
+    num_blocks = meta.block_slots.numel()
     if not meta.has_lora or num_blocks == 0:
         return y
     n_proj = len(Bs)
     interpret = triton.knobs.runtime.interpret
     max_out = max(size for _, size in out_slices)
-    block_n = min(1024, triton.next_power_of_2(max_out)) if interpret else 64
+    block_n = min(1024, triton.next_power_of_2(max_out)) if interpret else GPU_LAUNCH.expand_block_n
+    cols = block_n if interpret else max(block_n, GPU_LAUNCH.expand_cols)
     b = list(Bs) + [Bs[0]] * (3 - n_proj)
-    kernel(_sgmv_expand_kernel)[(num_blocks, n_proj, triton.cdiv(max_out, block_n))](
+    kernel(_sgmv_expand_kernel)[(num_blocks, n_proj, triton.cdiv(max_out, cols))](
         y, v, b[0], b[1], b[2], proj,
-        meta.sorted_token_idx, meta.seg_starts, meta.seg_slots, meta.slot_ranks,
-        meta.block_segs, meta.block_starts,
+        meta.sorted_token_idx, meta.block_slots, meta.block_ranks, meta.block_starts, meta.block_ends,
         y.stride(0), v.stride(0),
-        N_PROJ=n_proj, BLOCK_M=SGMV_BLOCK_M, BLOCK_N=block_n, BLOCK_K=64 if interpret else 16,
-        DOT_DTYPE=dot_dtype(Bs[0].dtype), PRECISION="ieee",
+        N_PROJ=n_proj, BLOCK_M=SGMV_BLOCK_M, BLOCK_N=block_n, BLOCK_K=64 if interpret else 16, COLS=cols,
+        DOT_DTYPE=dot_dtype(Bs[0].dtype), PRECISION="ieee", num_warps=GPU_LAUNCH.expand_warps,
     )
     return y
 
@@ -343,7 +364,7 @@ def bgmv_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta) -> torch.Tenso
     block_n = min(64, max(16, triton.next_power_of_2(r_max * n_proj)))
     block_k = 256 if interpret else 64
     grid_n = triton.cdiv(r_max * n_proj, block_n)
-    split_k = _split_k(T * grid_n, in_features, block_k)
+    split_k = _split_k(T * grid_n, in_features, block_k, GPU_LAUNCH.shrink_min_programs)
     kernel(_bgmv_shrink_kernel)[(T, grid_n, split_k)](
         x, A, v, meta.token_slots, meta.slot_ranks,
         in_features, x.stride(0), A.stride(0), A.stride(1), v.stride(0),

@@ -230,7 +230,8 @@ def test_graph_buffers_keep_addresses_and_results(device):
     for slots in ([3, -1, 0, 3, 7, 7, 7, 1] * 5, [5] * 33, [-1, 2] * 3):
         step = buffers.fill(slots, ranks)
         ptrs = [t.data_ptr() for t in (step.token_slots, step.sorted_token_idx, step.seg_starts,
-                                        step.seg_slots, step.slot_ranks, step.block_segs, step.block_starts)]
+                                        step.seg_slots, step.slot_ranks, step.block_slots, step.block_ranks,
+                                        step.block_starts, step.block_ends)]
         assert addresses in (None, ptrs)
         addresses = ptrs
         y = torch.zeros(40, N, device=device)                     # rows padded to max_tokens
