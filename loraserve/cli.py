@@ -27,6 +27,8 @@ ENGINE_FLAGS = {
     "max_cpu_loras": "adapters kept loaded in CPU memory (default 4 x --max-loras)",
     "adapter_dir": "directory of the durable adapter store (default: ~/.cache/loraserve/adapters)",
     "cache_dir": "directory for converted models (default: ~/.cache/loraserve)",
+    "enforce_eager": "on CUDA, run decode steps eagerly instead of replaying CUDA graphs captured at start "
+                     "(graphs cost a few seconds of start-up and some GPU memory; no effect on CPU)",
 }
 
 

@@ -25,6 +25,7 @@ class EngineConfig:
     max_cpu_loras: int | None = None    # CPU cache of loaded adapters; None = 4 * max_loras
     adapter_dir: str | None = None      # durable adapter store root; None = user cache dir
     cache_dir: str | None = None        # converted-model cache; None = user cache dir
+    enforce_eager: bool = False         # CUDA: launch decode kernels one by one, no CUDA graphs
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

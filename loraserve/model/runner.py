@@ -12,6 +12,7 @@ from loraserve.config import EngineConfig
 from loraserve.kernels import build_lora_meta
 from loraserve.sequence import Sequence
 
+from .cuda_graphs import DecodeGraphs, DecodeInputs
 from .llama import SUPPORTED_MODEL_TYPES, ForwardBatch, LlamaForCausalLM
 from .loader import load_state_dict
 from .lora import load_slot
@@ -55,9 +56,22 @@ class ModelRunner:
         model.init_lora(config.max_loras, config.max_lora_rank)
         self.model = model.eval()
         self.num_blocks = config.num_kv_blocks or self._blocks_for_budget(hf_config, config.kv_cache_memory)
-        model.init_kv_cache(self.num_blocks, self.block_size)
+        model.init_kv_cache(self.num_blocks + 1, self.block_size)   # + the scratch block of graph padding
         self.slot_ranks = [0] * config.max_loras
         self.on_logits = None   # test hook: called with (seqs, logits) after each step
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.graphs = self.make_decode_graphs(max_model_len, capture=True)
+
+    def make_decode_graphs(self, max_model_len: int, capture: bool) -> DecodeGraphs:
+        """Decode batches up to min(max_num_seqs, 256) replay captured graphs; larger ones
+        run eagerly. The scratch block (index num_blocks) holds the padding rows."""
+        graphs = DecodeGraphs(self.model, min(self.config.max_num_seqs, 256), -(-max_model_len // self.block_size),
+                              self.num_blocks, self.block_size, self.config.max_loras, capture)
+        with torch.inference_mode():
+            graphs.capture_all()
+        log.info("captured decode graphs for batch sizes %s", graphs.buckets)
+        return graphs
 
     def _blocks_for_budget(self, hf_config, budget: int) -> int:
         per_token = 2 * hf_config.num_hidden_layers * hf_config.num_key_value_heads * self.model.head_dim
@@ -89,8 +103,14 @@ class ModelRunner:
             if end == seq.num_tokens:          # the whole context is in: sample a token
                 sample_idx.append(len(ids) - 1)
                 sample_seqs.append(seq)
-        batch = self._forward_batch(prefill, decode, positions, slots, token_slots)
-        hidden = self.model(self._tensor(ids), batch)
+        decode_lens = [i.seq.num_computed_tokens + 1 for i in decode]
+        if not prefill and self.graphs is not None and self.graphs.bucket(len(decode)):
+            step = DecodeInputs(ids, positions, slots, [i.seq.block_table for i in decode], decode_lens,
+                                token_slots, self.slot_ranks)
+            hidden = self.graphs.run(step)
+        else:
+            batch = self._forward_batch(prefill, decode, decode_lens, positions, slots, token_slots)
+            hidden = self.model(self._tensor(ids), batch)
         logits = self.model.compute_logits(hidden[self._tensor(sample_idx)])
         if self.on_logits is not None:
             self.on_logits(sample_seqs, logits)
@@ -104,8 +124,7 @@ class ModelRunner:
         rows = [i.seq.block_table + [0] * (width - len(i.seq.block_table)) for i in items]
         return torch.tensor(rows, dtype=torch.int64, device=self.device).view(len(items), width)
 
-    def _forward_batch(self, prefill, decode, positions, slots, token_slots) -> ForwardBatch:
-        decode_lens = [i.seq.num_computed_tokens + 1 for i in decode]
+    def _forward_batch(self, prefill, decode, decode_lens, positions, slots, token_slots) -> ForwardBatch:
         return ForwardBatch(
             positions=self._tensor(positions),
             slot_mapping=self._tensor(slots),
