@@ -24,14 +24,21 @@ def smollm_dir() -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory, smollm_dir) -> dict:
+def tokenizer_dir(request) -> str:
+    """SmolLM2's tokenizer files: all the tiny models take from it. On a machine without
+    the embedded model (a lent GPU machine) LORASERVE_TEST_TOKENIZER_DIR names a copy."""
+    return os.environ.get("LORASERVE_TEST_TOKENIZER_DIR") or request.getfixturevalue("smollm_dir")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer_dir) -> dict:
     """{model_type: (base_dir, {adapter name: peft dir})} for llama and qwen2."""
     from transformers import AutoModelForCausalLM
 
     out = {}
     for model_type in ("llama", "qwen2"):
         root = tmp_path_factory.mktemp(model_type)
-        base_dir = save_tiny_model(model_type, str(root / "base"), smollm_dir)
+        base_dir = save_tiny_model(model_type, str(root / "base"), tokenizer_dir)
         base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
         adapters = {name: save_peft_adapter(base, str(root / name), r, a, rs, t, seed=i + 1)
                     for i, (name, r, a, rs, t) in enumerate(ADAPTER_MIX)}

@@ -69,11 +69,11 @@ def save_peft_adapter(base_model, out_dir: str, rank: int, alpha: int, use_rslor
 class PeftOracle:
     """HF transformers + PEFT on the same weights: logits of a full sequence."""
 
-    def __init__(self, base_dir: str, adapters: dict[str, str]):
+    def __init__(self, base_dir: str, adapters: dict[str, str], dtype: torch.dtype = torch.float32):
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).eval()
         self.model = None
         for name, path in adapters.items():
             if self.model is None:
@@ -88,7 +88,23 @@ class PeftOracle:
         if adapter is None:
             if hasattr(self.model, "disable_adapter"):
                 with self.model.disable_adapter():
-                    return self.model(input_ids=ids).logits[0]
-            return self.model(input_ids=ids).logits[0]
+                    return self.model(input_ids=ids).logits[0].float()
+            return self.model(input_ids=ids).logits[0].float()
         self.model.set_adapter(adapter)
-        return self.model(input_ids=ids).logits[0]
+        return self.model(input_ids=ids).logits[0].float()
+
+
+def run_and_record(llm, prompts, adapters, params):
+    """Generate, keeping the engine's logits of every sampled position per request."""
+    recorded: dict[str, list[torch.Tensor]] = {}
+
+    def on_logits(seqs, logits):
+        for seq, row in zip(seqs, logits):
+            recorded.setdefault(seq.state.output.request_id, []).append(row.float().cpu().clone())
+
+    llm.engine.runner.on_logits = on_logits
+    try:
+        outs = llm.generate(prompts, params, adapters=adapters, use_tqdm=False)
+    finally:
+        llm.engine.runner.on_logits = None
+    return outs, [torch.stack(recorded[o.request_id]) for o in outs]
