@@ -9,6 +9,10 @@ overhead ratio. Adapters are loaded before timing: cold loads are adapter_scalin
 
     python benchmarks/offline_throughput.py                 # both dtypes, with HF+PEFT
     python benchmarks/offline_throughput.py --dtypes bfloat16 --skip-hf
+    python benchmarks/offline_throughput.py --random-model llama-3.2-1b --dtypes bfloat16   # a GPU
+
+On CUDA both systems run on the GPU; loraserve replays CUDA graphs for decode unless
+--enforce-eager (run both to see what the graphs buy).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from synthetic import random_prompts, write_adapter  # noqa: E402
+from synthetic import MODEL_PRESETS, random_prompts, write_adapter, write_random_model  # noqa: E402
 
 from loraserve import LLM, SamplingParams  # noqa: E402
 from loraserve.model.loader import load_config, resolve_model  # noqa: E402
@@ -41,6 +45,11 @@ def parse_args(argv=None):
     p.add_argument("--skip-hf", action="store_true", help="measure loraserve only")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--rounds", type=int, default=2, help="alternating LoRA/base rounds; the best of each counts")
+    p.add_argument("--model", default=None, help="HF directory or .gguf (default: the embedded SmolLM2)")
+    p.add_argument("--random-model", choices=sorted(MODEL_PRESETS), default=None,
+                   help="random weights of this model's shape, with the embedded model's tokenizer")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory for --random-model (default: the embedded model's)")
+    p.add_argument("--enforce-eager", action="store_true", help="CUDA: decode without CUDA graphs")
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's op table for 3 decode steps, with and without adapters")
     return p.parse_args(argv)
@@ -52,8 +61,8 @@ def run_loraserve(dtype, prompts, adapter_dirs, plan, args) -> tuple[float, floa
     alternate for `--rounds` rounds and the best of each counts, so drift in the machine
     or the process hits both alike."""
     # prefix caching off: rounds repeat the same prompts, which must not hit cached blocks
-    llm = LLM(dtype=dtype, max_loras=max(1, len(adapter_dirs)), max_lora_rank=args.rank,
-              max_num_seqs=args.num_requests, enable_prefix_caching=False)
+    llm = LLM(model=args.model_dir, dtype=dtype, max_loras=max(1, len(adapter_dirs)), max_lora_rank=args.rank,
+              max_num_seqs=args.num_requests, enable_prefix_caching=False, enforce_eager=args.enforce_eager)
     for name, path in adapter_dirs.items():
         llm.add_adapter(name, path)
     params = SamplingParams(max_tokens=args.gen_tokens, temperature=0, ignore_eos=True)
@@ -96,7 +105,8 @@ def run_hf_peft(model_dir, dtype, prompts, adapter_dirs, plan, args) -> float:
     from transformers import AutoModelForCausalLM
 
     torch_dtype = getattr(torch, dtype)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
     names = list(adapter_dirs)
     model = PeftModel.from_pretrained(base, adapter_dirs[names[0]], adapter_name=names[0])
     for name in names[1:]:
@@ -108,8 +118,8 @@ def run_hf_peft(model_dir, dtype, prompts, adapter_dirs, plan, args) -> float:
     for i in range(0, len(prompts), args.hf_batch):
         batch, batch_plan = prompts[i : i + args.hf_batch], plan[i : i + args.hf_batch]
         width = max(map(len, batch))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=mask, adapter_names=batch_plan,
                                  max_new_tokens=args.gen_tokens, min_new_tokens=args.gen_tokens,
@@ -122,14 +132,21 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model_dir = resolve_model(None).local_dir
-    hf_config = load_config(model_dir)
-    prompts = random_prompts(args.num_requests, args.min_prompt, args.max_prompt, hf_config.vocab_size)
     with tempfile.TemporaryDirectory() as tmp:
-        adapter_dirs = {f"a{i}": write_adapter(os.path.join(tmp, f"a{i}"), hf_config, "SmolLM2-135M-Instruct",
+        if args.random_model:
+            args.model = write_random_model(os.path.join(tmp, "model"), args.random_model,
+                                            args.tokenizer or resolve_model(None).local_dir)
+        source = resolve_model(args.model)
+        args.model_dir = model_dir = source.local_dir
+        hf_config = load_config(model_dir)
+        prompts = random_prompts(args.num_requests, args.min_prompt, args.max_prompt, hf_config.vocab_size)
+        adapter_dirs = {f"a{i}": write_adapter(os.path.join(tmp, f"a{i}"), hf_config, source.model_id,
                                                args.rank, seed=i) for i in range(args.num_adapters)}
         plan = [f"a{i % args.num_adapters}" for i in range(args.num_requests)]
-        print(f"{args.num_requests} requests, {args.num_adapters} adapters of rank {args.rank}, "
+        device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+        graphs = "" if not torch.cuda.is_available() else (", eager" if args.enforce_eager else ", CUDA graphs")
+        print(f"{source.model_id} on {device}{graphs}: "
+              f"{args.num_requests} requests, {args.num_adapters} adapters of rank {args.rank}, "
               f"prompts {args.min_prompt}-{args.max_prompt} tokens, {args.gen_tokens} generated, "
               f"{torch.get_num_threads()} threads")
         print(f"{'dtype':<10} {'loraserve LoRA':>15} {'loraserve base':>15} {'LoRA/base':>10} {'HF+PEFT':>10} {'vs HF':>8}")

@@ -3,9 +3,11 @@ weights, written in the exact layout `PeftModel.save_pretrained` produces."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
+import shutil
 
 import torch
 from safetensors.torch import save_file
@@ -47,3 +49,26 @@ def write_adapter(out_dir: str, hf_config, base_id: str, rank: int, seed: int,
 def random_prompts(n: int, min_len: int, max_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(100, vocab) for _ in range(rng.randint(min_len, max_len))] for _ in range(n)]
+
+
+# Shapes of public models, for benchmarks on random weights (no download needed).
+MODEL_PRESETS = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, rope_theta=500000.0, tie_word_embeddings=True,
+                         max_position_embeddings=4096, rms_norm_eps=1e-5),
+}
+
+
+def write_random_model(out_dir: str, preset: str, tokenizer_dir: str) -> str:
+    """A random-weight Llama of a preset's shape saved as an HF directory, with the
+    tokenizer (and its vocabulary size) of `tokenizer_dir`: throughput depends on shapes only."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    vocab = len(AutoTokenizer.from_pretrained(tokenizer_dir))
+    config = LlamaConfig(vocab_size=vocab, **MODEL_PRESETS[preset])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    for f in glob.glob(os.path.join(tokenizer_dir, "*token*")) + glob.glob(os.path.join(tokenizer_dir, "*.jinja")):
+        shutil.copy(f, out_dir)
+    return out_dir
