@@ -253,7 +253,7 @@ class GpuLaunch:
     shrink_stages: int = 4
     expand_block_n: int = 256
     expand_cols: int = 256             # columns one program loops over, BLOCK_N at a time
-    expand_warps: int = 2
+    expand_warps: int = 4
 
 
 GPU_LAUNCH = GpuLaunch()
