@@ -15,6 +15,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <algorithm>
@@ -358,6 +359,7 @@ void run_blocks(const Step& s, const std::vector<Block>& blocks, const std::vect
 void add_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const std::vector<at::Tensor>& Bs,
               const std::vector<int64_t>& offs, const at::Tensor& tokens, const at::Tensor& seg_starts,
               const at::Tensor& seg_slots, const at::Tensor& slot_ranks, int64_t max_seg_len) {
+  RECORD_FUNCTION("loraserve::sgmv_cpu", std::vector<c10::IValue>());  // a row in torch.profiler's tables
   TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && A.dim() == 4, "y [T, N], x [T, in], A [L, in, r_max, n_proj]");
   TORCH_CHECK(y.stride(1) == 1 && x.stride(1) == 1 && A.is_contiguous(), "y and x rows, and A, must be dense");
   TORCH_CHECK(x.scalar_type() == y.scalar_type() && A.scalar_type() == y.scalar_type(), "one dtype for y, x, A, Bs");

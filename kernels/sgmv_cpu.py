@@ -17,11 +17,13 @@ one warning and uses add_lora_grouped from then on.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import os
 import platform
+import shutil
 from pathlib import Path
 
 import torch
@@ -58,6 +60,11 @@ def _build_dir() -> str:
 def _build():
     from torch.utils import cpp_extension
 
+    if shutil.which("ninja") is None:                  # the pip package's binary, off PATH in a
+        with contextlib.suppress(ImportError):         # virtualenv that is not activated
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     build_dir = _build_dir()
     os.makedirs(build_dir, exist_ok=True)
     return cpp_extension.load(
