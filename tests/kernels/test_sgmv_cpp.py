@@ -2,10 +2,9 @@
 
 The grid: dtype x rank (ranks below r_max read a strided part of A; column counts that
 are not a multiple of 16 take the masked tails) x projections per group x token layout.
-Long segments go to ATen matmuls inside the op, so the long-segment layout also runs with
-every segment on the op's own blocks and with every segment on ATen. The extension is
-built once per machine (cached) and loaded once per process.
-"""
+Segments longer than MAX_SEG_LEN go to ATen matmuls inside the op, so two layouts also run
+with every segment on ATen and with every segment on the op's own blocks. The extension
+is built once per machine (cached) and loaded once per process; nothing here is timed."""
 
 import logging
 import random
