@@ -29,6 +29,7 @@ from .sgmv import (
     sgmv_expand,
     sgmv_shrink,
 )
+from .sgmv_cpu import add_lora_cpu, warm_up as warm_up_cpu_lora
 from .triton_support import triton
 
 _triton_on_cpu = False
@@ -54,8 +55,6 @@ def triton_on_cpu():
 
 def add_lora(y, x, A, Bs, out_slices, meta: LoRAMeta):
     """y += LoRA delta of each token's adapter (semantics in kernels/sgmv.py); returns y."""
-    from .sgmv_cpu import add_lora_cpu     # CPU: the C++ op, add_lora_grouped when it cannot run
-
     impl = add_lora_triton if use_triton(x) else add_lora_cpu
     return impl(y, x, A, Bs, out_slices, meta)
 
@@ -85,7 +84,7 @@ def paged_attention_prefill(q, k_cache, v_cache, block_tables, query_lens, conte
 
 __all__ = [
     "HAS_TRITON", "LoRAMeta", "LoRAMetaBuffers", "build_lora_meta", "use_triton", "triton_on_cpu",
-    "add_lora", "add_lora_ref", "add_lora_grouped", "add_lora_triton", "add_lora_bgmv",
+    "add_lora", "add_lora_cpu", "warm_up_cpu_lora", "add_lora_ref", "add_lora_grouped", "add_lora_triton", "add_lora_bgmv",
     "sgmv_shrink", "sgmv_expand", "bgmv_shrink", "bgmv_expand",
     "paged_attention_decode", "paged_attention_prefill", "store_kv", "allocate_kv_cache",
     "paged_attention_decode_triton", "paged_attention_prefill_triton", "store_kv_triton",

@@ -7,8 +7,9 @@ A decode step has a few tokens per adapter, so the LoRA delta is bound by readin
 adapters' weights: oneDNN's small-M batched matmuls (add_lora_grouped) stream them at a
 fraction of the memory bandwidth. The op streams each adapter's A and B once per block of
 up to 16 tokens that share it, at the adapter's own rank, with both cores on disjoint
-blocks (SmolLM2, 32 rank-16 adapters x 4 tokens, bf16: ~9 ms a decode step, ~30 ms batched). Segments longer than MAX_SEG_LEN tokens (long prefill chunks) run inside the op as
-ATen matmuls, which win once the weights are reused by enough tokens.
+blocks (SmolLM2, 32 rank-16 adapters x 4 tokens, bf16: ~9 ms a decode step, ~30 ms
+batched). Segments longer than MAX_SEG_LEN tokens (long prefill chunks) run inside the
+op as ATen matmuls, which win once the weights are reused by enough tokens.
 
 The build (~10 s, once per machine: cached under the user cache dir, keyed by source,
 flags, torch and CPU) needs a C++ compiler and ninja; if it fails, add_lora_cpu logs
@@ -81,6 +82,11 @@ def extension():
     except Exception as e:  # no compiler, no ninja, a compile error: the torch path still works
         logger.warning("CPU SGMV op unavailable, using the torch path (add_lora_grouped): %s", e)
         return None
+
+
+def warm_up() -> None:
+    """Build or load the op at engine start, not inside the first request with an adapter."""
+    extension()
 
 
 def add_lora_cpu(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from loraserve.config import EngineConfig
-from loraserve.kernels import build_lora_meta
+from loraserve.kernels import build_lora_meta, warm_up_cpu_lora
 from loraserve.sequence import Sequence
 
 from .cuda_graphs import DecodeGraphs, DecodeInputs
@@ -62,6 +62,8 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = self.make_decode_graphs(max_model_len, capture=True)
+        if self.device.type == "cpu":
+            warm_up_cpu_lora()
 
     def make_decode_graphs(self, max_model_len: int, capture: bool) -> DecodeGraphs:
         """Decode batches up to min(max_num_seqs, 256) replay captured graphs; larger ones
