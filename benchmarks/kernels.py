@@ -145,7 +145,7 @@ class LoRAProblem:
 def bench_lora(shapes: Shapes, timer: Timer, device: str, copy_gbs: float) -> None:
     import torch
 
-    from loraserve.kernels import (add_lora_bgmv, add_lora_grouped, add_lora_triton, bgmv_expand, bgmv_shrink,
+    from loraserve.kernels import (add_lora_bgmv, add_lora_grouped, add_lora_sgmv, bgmv_expand, bgmv_shrink,
                                    sgmv_expand, sgmv_shrink)
 
     dtype = torch.bfloat16
@@ -153,7 +153,7 @@ def bench_lora(shapes: Shapes, timer: Timer, device: str, copy_gbs: float) -> No
     print(f"\n## LoRA decode: hidden {h}, rank {r}, one projection, {dtype}; GB/s and % of copy bandwidth "
           "(CUDA-graph replay over weight copies that overflow L2)")
     print(f"{'adapters':>8} {'batch':>5} | {'sgmv shrink':>18} {'sgmv expand':>18} | {'bgmv shrink':>18} "
-          f"{'bgmv expand':>18} | {'triton us':>9} {'bgmv us':>8} {'torch us':>8} {'torch/triton':>12}")
+          f"{'bgmv expand':>18} | {'sgmv us':>9} {'bgmv us':>8} {'torch us':>8} {'torch/sgmv':>12}")
     for num_adapters in shapes.adapter_counts:
         for batch in shapes.batches:
             pb = LoRAProblem(timer, device, h, [h], r, num_adapters, batch, dtype)
@@ -164,7 +164,7 @@ def bench_lora(shapes: Shapes, timer: Timer, device: str, copy_gbs: float) -> No
                    gbs(per_call(timer, pb.expand(sgmv_expand), pb.copies), pb.expand_bytes),
                    gbs(per_call(timer, pb.shrink(bgmv_shrink), pb.copies), pb.shrink_bytes),
                    gbs(per_call(timer, pb.expand(bgmv_expand), pb.copies), pb.expand_bytes)]
-            t_triton = per_call(timer, pb.add(add_lora_triton), pb.copies)
+            t_triton = per_call(timer, pb.add(add_lora_sgmv), pb.copies)
             t_bgmv = per_call(timer, pb.add(add_lora_bgmv), pb.copies)
             t_torch = timer(lambda: pb.add(add_lora_grouped)(0))       # eager: its meta is host-side
             print(f"{num_adapters:>8} {batch:>5} | {row[0]:>18} {row[1]:>18} | {row[2]:>18} {row[3]:>18} | "

@@ -23,6 +23,7 @@ from .sgmv import (
     add_lora_bgmv,
     add_lora_grouped,
     add_lora_ref,
+    add_lora_sgmv,
     add_lora_triton,
     bgmv_expand,
     bgmv_shrink,
@@ -84,7 +85,8 @@ def paged_attention_prefill(q, k_cache, v_cache, block_tables, query_lens, conte
 
 __all__ = [
     "HAS_TRITON", "LoRAMeta", "LoRAMetaBuffers", "build_lora_meta", "use_triton", "triton_on_cpu",
-    "add_lora", "add_lora_cpu", "warm_up_cpu_lora", "add_lora_ref", "add_lora_grouped", "add_lora_triton", "add_lora_bgmv",
+    "add_lora", "add_lora_cpu", "warm_up_cpu_lora", "add_lora_ref", "add_lora_grouped",
+    "add_lora_triton", "add_lora_sgmv", "add_lora_bgmv",
     "sgmv_shrink", "sgmv_expand", "bgmv_shrink", "bgmv_expand",
     "paged_attention_decode", "paged_attention_prefill", "store_kv", "allocate_kv_cache",
     "paged_attention_decode_triton", "paged_attention_prefill_triton", "store_kv_triton",

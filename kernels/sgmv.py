@@ -392,11 +392,24 @@ def bgmv_expand(y: torch.Tensor, v: torch.Tensor, Bs: list[torch.Tensor],
     return y
 
 
+BGMV_MAX_TOKENS = 16   # steps this small take BGMV: it measured faster there (RESULTS.md, H100)
+
+
 def add_lora_triton(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
                     out_slices: list[tuple[int, int]], meta: LoRAMeta) -> torch.Tensor:
-    """CUDA path: y += LoRA delta as one SGMV shrink and one SGMV expand launch.
-    (add_lora_bgmv is the decode-shaped alternative; benchmarks/kernels.py compares the
-    two, and dispatch stays on SGMV until BGMV measures faster on a GPU.)"""
+    """CUDA path: y += LoRA delta. Steps of up to BGMV_MAX_TOKENS tokens take the
+    one-token-per-program BGMV kernels (H100, hidden 4096, rank 16, 16 tokens: 10.0 vs
+    11.8 us with 64 adapters, 8.2 vs 8.7 us with one); larger steps take SGMV, which wins
+    from 32 tokens with one adapter and from 128 with 64. The choice depends on the
+    token count only, so a captured CUDA graph keeps it."""
+    if meta.num_tokens <= BGMV_MAX_TOKENS:
+        return add_lora_bgmv(y, x, A, Bs, out_slices, meta)
+    return add_lora_sgmv(y, x, A, Bs, out_slices, meta)
+
+
+def add_lora_sgmv(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
+                  out_slices: list[tuple[int, int]], meta: LoRAMeta) -> torch.Tensor:
+    """y += LoRA delta as one SGMV shrink and one SGMV expand launch."""
     if not meta.has_lora:
         return y                                   # no adapter in the step: nothing launched
     return sgmv_expand(y, sgmv_shrink(x, A, meta), Bs, out_slices, meta)
@@ -404,7 +417,7 @@ def add_lora_triton(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[
 
 def add_lora_bgmv(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
                   out_slices: list[tuple[int, int]], meta: LoRAMeta) -> torch.Tensor:
-    """The same as add_lora_triton with the one-token-per-program kernels (decode shapes)."""
+    """The same as add_lora_sgmv with the one-token-per-program kernels (decode shapes)."""
     if not meta.has_lora:
         return y
     return bgmv_expand(y, bgmv_shrink(x, A, meta), Bs, out_slices, meta)

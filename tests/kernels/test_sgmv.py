@@ -18,7 +18,7 @@ from loraserve.kernels import add_lora, build_lora_meta, use_triton  # noqa: E40
 from loraserve.kernels import sgmv  # noqa: E402
 from loraserve.kernels.lora_meta import LoRAMetaBuffers  # noqa: E402
 from loraserve.kernels.sgmv import (  # noqa: E402
-    add_lora_bgmv, add_lora_ref, add_lora_triton, bgmv_shrink, sgmv_shrink,
+    add_lora_bgmv, add_lora_ref, add_lora_sgmv, add_lora_triton, bgmv_shrink, sgmv_shrink,
 )
 
 AXES = {
@@ -167,7 +167,7 @@ def test_grid_covers_every_value():
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_sgmv_add_lora(case, device):
-    check_add_lora(add_lora_triton, case, device)
+    check_add_lora(add_lora_sgmv, case, device)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c["num_tokens"] <= 33][::2], ids=_case_id)
@@ -200,9 +200,23 @@ def test_no_adapter_step_launches_nothing(device, monkeypatch):
         raise AssertionError(f"launched {fn.__name__} for a step without adapters")
     monkeypatch.setattr(sgmv, "kernel", fail)
     before = fused.clone()
-    for impl in (add_lora_triton, add_lora_bgmv):
+    for impl in (add_lora_triton, add_lora_sgmv, add_lora_bgmv):
         impl(fused[:, : sum(s for _, s in out_slices)], x, A, Bs, out_slices, meta)
     assert torch.equal(fused, before)
+
+
+@pytest.mark.parametrize("num_tokens, expected", [(1, "bgmv"), (sgmv.BGMV_MAX_TOKENS, "bgmv"),
+                                                  (sgmv.BGMV_MAX_TOKENS + 1, "sgmv")])
+def test_small_steps_take_bgmv(num_tokens, expected, device, monkeypatch):
+    """The decode-shaped kernels where they measured faster, chosen by token count only."""
+    case = dict(dtype=torch.float32, rank=8, hidden=64, popularity="uniform", num_tokens=num_tokens, n_proj=1)
+    _, x, A, Bs, out_slices, meta = make_problem(case, device)
+    y = torch.zeros(num_tokens, out_slices[0][1], device=device)
+    taken = []
+    for name in ("sgmv", "bgmv"):
+        monkeypatch.setattr(sgmv, f"add_lora_{name}", lambda *a, name=name: taken.append(name))
+    add_lora_triton(y, x, A, Bs, out_slices, meta)
+    assert taken == [expected]
 
 
 def test_dispatch_is_one_branch_on_device():
@@ -261,5 +275,5 @@ GPU_CASES = [c for c in (dict(zip(AXES, values)) for values in itertools.product
 def test_full_grid_on_gpu(dtype, popularity):
     for case in GPU_CASES:
         if case["dtype"] == dtype and case["popularity"] == popularity:
-            for impl in (add_lora_triton, add_lora_bgmv):
+            for impl in (add_lora_sgmv, add_lora_bgmv):
                 check_add_lora(impl, case, "cuda")
