@@ -67,6 +67,8 @@ def _build():
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     build_dir = _build_dir()
+    if not os.path.isdir(build_dir):
+        logger.info("building the CPU SGMV op once for this machine (~10 s) in %s", build_dir)
     os.makedirs(build_dir, exist_ok=True)
     return cpp_extension.load(
         name="loraserve_sgmv_cpu", sources=[str(SOURCE)], build_directory=build_dir,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from loraserve.kernels import LoRAMeta, LoRAMetaBuffers, build_lora_meta
 
@@ -68,9 +69,9 @@ class DecodeGraphs:
 
     def capture_all(self) -> None:
         """Largest bucket first, so smaller graphs reuse its memory pool."""
-        for bs in reversed(self.buckets):
-            for with_lora in (True, False):
-                self.replays[(bs, with_lora)] = self._capture(bs, with_lora)
+        work = [(bs, with_lora) for bs in reversed(self.buckets) for with_lora in (True, False)]
+        for bs, with_lora in tqdm(work, desc="Capturing decode CUDA graphs", disable=not self.capture_graphs):
+            self.replays[(bs, with_lora)] = self._capture(bs, with_lora)
         if self.capture_graphs:
             torch.cuda.synchronize()
 
