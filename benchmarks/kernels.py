@@ -316,7 +316,22 @@ class LayerStack:
         return h
 
 
-def bench_model(shapes: Shapes, timer: Timer, device: str) -> None:
+def profile_step(stack: LayerStack, meta, device: str) -> None:
+    """Per-kernel time of one decode step with adapters (eager, so kernels are named)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    stack.step(meta)
+    with profile(activities=activities) as prof:
+        stack.step(meta)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=15))
+
+
+def bench_model(shapes: Shapes, timer: Timer, device: str, profile: bool = False) -> None:
     import torch
 
     from loraserve.kernels import build_lora_meta
@@ -333,6 +348,8 @@ def bench_model(shapes: Shapes, timer: Timer, device: str) -> None:
         t_base = timer(lambda: stack.step(without), graph=True)
         t_lora = timer(lambda: stack.step(with_lora), graph=True)
         print(f"{batch:>5} | {t_base:14.3f} {t_lora:15.3f} {100 * (t_lora / t_base - 1):8.1f}%")
+        if profile:
+            profile_step(stack, with_lora, device)
         del stack
         if timer.cuda:
             torch.cuda.empty_cache()
@@ -342,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; on CPU through the Triton interpreter")
     parser.add_argument("--only", choices=["lora", "attention", "model"], help="run one section")
+    parser.add_argument("--profile", action="store_true",
+                        help="after each model-step row, torch.profiler's kernel table of one step with adapters")
     parser.add_argument("--tune", action="store_true",
                         help="first sweep the SGMV launch block sizes; print them and use the best")
     args = parser.parse_args(argv)
@@ -376,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "attention"):
             bench_attention(shapes, timer, device, copy_gbs)
         if args.only in (None, "model"):
-            bench_model(shapes, timer, device)
+            bench_model(shapes, timer, device, args.profile)
     return 0
 
 
