@@ -1,17 +1,19 @@
 """Kernel benchmarks against the memory-bandwidth roofline (needs CUDA).
 
     python benchmarks/kernels.py            # on a GPU
+    python benchmarks/kernels.py --tune     # first sweep the SGMV launch sizes, then use the best
     python benchmarks/kernels.py --smoke    # anywhere: tiny shapes, Triton interpreter on CPU
 
 1. copy bandwidth of the device (torch copy_ of 512 MiB): the roofline
 2. LoRA decode shapes (hidden 4096, rank 16, batch 1..256, 1 and 64 distinct adapters):
    SGMV and BGMV shrink and expand, achieved bandwidth as a fraction of the copy
-   bandwidth, and the whole add_lora against the torch path (add_lora_grouped) on the GPU
+   bandwidth, and the whole add_lora against the torch path (add_lora_grouped) on the GPU;
+   then rank-aware compute: a batch mixing rank 8 and rank 128 against all-8 and all-128
 3. paged attention decode (Llama-3-8B heads: 32 q, 8 kv, head_dim 128): bandwidth and the
    torch reference
 4. a decode step of a Llama-3.2-1B-shaped layer stack (16 layers, random weights, no RoPE)
    with 64 adapters of rank 16 on all seven projections, against the same step with no
-   adapters (the whole step captured in a CUDA graph)
+   adapters (the whole step captured in a CUDA graph); --profile adds its kernel table
 
 Bytes counted are the bytes a kernel must move at least: x, the weights of the adapters
 in the batch (at their rank), v and y; for attention the cached K and V it reads.
@@ -114,23 +116,25 @@ def per_call(timer: Timer, fn, copies: int) -> float:
 class LoRAProblem:
     """One decode-shaped LoRA problem, with weight copies enough to defeat the L2 cache."""
 
-    def __init__(self, timer, device, hidden_in, outs, rank, num_adapters, batch, dtype):
+    def __init__(self, timer, device, hidden_in, outs, rank, num_adapters, batch, dtype, ranks=None):
+        """Every slot at `rank`, or at ranks[slot] in buffers sized to the largest."""
         import torch
 
         from loraserve.kernels import build_lora_meta, sgmv_shrink
 
+        ranks = ranks or [rank] * num_adapters
         slots = [t % num_adapters for t in range(batch)]
-        used = len(set(slots))
+        used_ranks = sum(ranks[s] for s in set(slots))
         self.out_slices = [(sum(outs[:i]), o) for i, o in enumerate(outs)]
-        weight_bytes = used * rank * (hidden_in * len(outs) + sum(outs)) * 2
-        self.copies = layer_copies(timer, weight_bytes)
-        self.weights = [lora_weights(num_adapters, hidden_in, outs, rank, dtype, device) for _ in range(self.copies)]
-        self.meta = build_lora_meta(slots, [rank] * num_adapters, device=device, dtype=dtype)
+        self.copies = layer_copies(timer, used_ranks * (hidden_in * len(outs) + sum(outs)) * 2)
+        self.weights = [lora_weights(num_adapters, hidden_in, outs, max(ranks), dtype, device)
+                        for _ in range(self.copies)]
+        self.meta = build_lora_meta(slots, ranks, device=device, dtype=dtype)
         self.x = torch.randn(batch, hidden_in, dtype=dtype, device=device)
         self.y = torch.zeros(batch, sum(outs), dtype=dtype, device=device)
         self.v = sgmv_shrink(self.x, self.weights[0][0], self.meta)
-        self.shrink_bytes = self.x.numel() * 2 + used * hidden_in * rank * len(outs) * 2 + self.v.numel() * 4
-        self.expand_bytes = self.v.numel() * 4 + used * rank * sum(outs) * 2 + 2 * self.y.numel() * 2
+        self.shrink_bytes = self.x.numel() * 2 + used_ranks * hidden_in * len(outs) * 2 + self.v.numel() * 4
+        self.expand_bytes = self.v.numel() * 4 + used_ranks * sum(outs) * 2 + 2 * self.y.numel() * 2
 
     def shrink(self, impl):
         return lambda i: impl(self.x, self.weights[i][0], self.meta)
@@ -170,6 +174,28 @@ def bench_lora(shapes: Shapes, timer: Timer, device: str, copy_gbs: float) -> No
             print(f"{num_adapters:>8} {batch:>5} | {row[0]:>18} {row[1]:>18} | {row[2]:>18} {row[3]:>18} | "
                   f"{t_triton * 1e3:9.1f} {t_bgmv * 1e3:8.1f} {t_torch * 1e3:8.1f} {t_torch / t_triton:12.2f}")
             del pb
+
+
+def bench_rank_mix(shapes: Shapes, timer: Timer, device: str) -> None:
+    """Rank-aware compute: a batch mixing rank 8 and rank 128 adapters should cost about
+    the mean of an all-8 and an all-128 batch, not what padding everyone to 128 costs."""
+    import torch
+
+    from loraserve.kernels import add_lora_triton
+
+    h, n = shapes.hidden, max(shapes.adapter_counts)
+    low, high = 8, (128 if timer.cuda else 16)
+    print(f"\n## rank-aware LoRA: hidden {h}, {n} adapters, slot buffers at rank {high}, add_lora_triton us")
+    print(f"{'batch':>5} | {f'all {low}':>8} {f'all {high}':>9} {'mixed':>8} {'mean':>8} {'mixed/mean':>10}")
+    for batch in (n, 4 * n):
+        times = {}
+        for name, ranks in (("low", [low] * n), ("high", [high] * n), ("mixed", [low, high] * (n // 2))):
+            pb = LoRAProblem(timer, device, h, [h], high, n, batch, torch.bfloat16, ranks=ranks)
+            times[name] = per_call(timer, pb.add(add_lora_triton), pb.copies) * 1e3
+            del pb
+        mean = (times["low"] + times["high"]) / 2
+        print(f"{batch:>5} | {times['low']:8.1f} {times['high']:9.1f} {times['mixed']:8.1f} {mean:8.1f} "
+              f"{times['mixed'] / mean:10.2f}")
 
 
 TUNE_SHAPES = [  # (in, outs, adapters, batch): decode shapes of the kernels and of Llama-3.2-1B's layers
@@ -358,7 +384,7 @@ def bench_model(shapes: Shapes, timer: Timer, device: str, profile: bool = False
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; on CPU through the Triton interpreter")
-    parser.add_argument("--only", choices=["lora", "attention", "model"], help="run one section")
+    parser.add_argument("--only", choices=["lora", "ranks", "attention", "model"], help="run one section")
     parser.add_argument("--profile", action="store_true",
                         help="after each model-step row, torch.profiler's kernel table of one step with adapters")
     parser.add_argument("--tune", action="store_true",
@@ -392,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
             tune(timer, device)
         if args.only in (None, "lora"):
             bench_lora(shapes, timer, device, copy_gbs)
+        if args.only in (None, "ranks"):
+            bench_rank_mix(shapes, timer, device)
         if args.only in (None, "attention"):
             bench_attention(shapes, timer, device, copy_gbs)
         if args.only in (None, "model"):
