@@ -221,8 +221,7 @@ def tune(timer: Timer, device: str) -> None:
     sweeps = {
         "shrink": (sgmv_shrink, dict(shrink_block_k=[64, 128, 256], shrink_min_programs=[256, 512, 1024],
                                      shrink_warps=[2, 4], shrink_stages=[2, 4])),
-        "expand": (sgmv_expand, dict(expand_block_n=[128, 256], expand_cols=[256, 1024, 4096],
-                                     expand_warps=[2, 4])),
+        "expand": (sgmv_expand, dict(expand_block_n=[64, 128, 256, 512], expand_warps=[2, 4])),
     }
     for name, (impl, grid) in sweeps.items():
         results = []

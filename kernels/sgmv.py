@@ -125,12 +125,11 @@ def _sgmv_expand_kernel(
     sorted_idx_ptr, block_slots_ptr, block_ranks_ptr, block_starts_ptr, block_ends_ptr,
     stride_yt, stride_vt,
     N_PROJ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    COLS: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Semantics: y[t, off_p + n] += v[t, p::n_proj][:rank] @ B_p[slot[t], :rank, n].
-    Grid (block, projection, group of COLS columns, looped BLOCK_N at a time: the set-up
-    is paid once per group); proj_ptr [n_proj, 4] int64 holds (column offset, out_p,
-    B_p stride 0, B_p stride 1) per projection."""
+    Grid (block, projection, column block); proj_ptr [n_proj, 4] int64 holds
+    (column offset, out_p, B_p stride 0, B_p stride 1) per projection."""
     blk = tl.program_id(0)
     p = tl.program_id(1)
     slot = tl.load(block_slots_ptr + blk)
@@ -138,8 +137,7 @@ def _sgmv_expand_kernel(
     start = tl.load(block_starts_ptr + blk)
     end = tl.load(block_ends_ptr + blk)
     out_p = tl.load(proj_ptr + p * 4 + 1)
-    first_col = tl.program_id(2) * COLS
-    if slot < 0 or first_col >= out_p:
+    if slot < 0 or tl.program_id(2) * BLOCK_N >= out_p:
         return
     if p == 0:
         b_ptr = b0_ptr
@@ -154,20 +152,19 @@ def _sgmv_expand_kernel(
     b_slot = b_ptr + slot.to(tl.int64) * tl.load(proj_ptr + p * 4 + 2)
     stride_br = tl.load(proj_ptr + p * 4 + 3)
     y_rows = y_ptr + tok[:, None] * stride_yt + tl.load(proj_ptr + p * 4)
-    for n0 in range(first_col, tl.minimum(first_col + COLS, out_p), BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        n_mask = offs_n < out_p
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, rank, BLOCK_K):                          # the slot's rank, not r_max
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_mask = offs_k < rank
-            vt = tl.load(v_rows + offs_k[None, :] * N_PROJ, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            bt = tl.load(b_slot + offs_k[:, None] * stride_br + offs_n[None, :],
-                         mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc += tl.dot(vt.to(DOT_DTYPE), bt.to(DOT_DTYPE), input_precision=PRECISION)
-        mask = m_mask[:, None] & n_mask[None, :]
-        y = tl.load(y_rows + offs_n[None, :], mask=mask, other=0.0)
-        tl.store(y_rows + offs_n[None, :], (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
+    offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < out_p
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, rank, BLOCK_K):                              # the slot's rank, not r_max
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < rank
+        vt = tl.load(v_rows + offs_k[None, :] * N_PROJ, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        bt = tl.load(b_slot + offs_k[:, None] * stride_br + offs_n[None, :],
+                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        acc += tl.dot(vt.to(DOT_DTYPE), bt.to(DOT_DTYPE), input_precision=PRECISION)
+    mask = m_mask[:, None] & n_mask[None, :]
+    y = tl.load(y_rows + offs_n[None, :], mask=mask, other=0.0)
+    tl.store(y_rows + offs_n[None, :], (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _bgmv_shrink_kernel(
@@ -252,7 +249,6 @@ class GpuLaunch:
     shrink_warps: int = 4
     shrink_stages: int = 4
     expand_block_n: int = 256
-    expand_cols: int = 256             # columns one program loops over, BLOCK_N at a time
     expand_warps: int = 4
 
 
@@ -340,13 +336,12 @@ def sgmv_expand(y: torch.Tensor, v: torch.Tensor, Bs: list[torch.Tensor],
     interpret = triton.knobs.runtime.interpret
     max_out = max(size for _, size in out_slices)
     block_n = min(1024, triton.next_power_of_2(max_out)) if interpret else GPU_LAUNCH.expand_block_n
-    cols = block_n if interpret else max(block_n, GPU_LAUNCH.expand_cols)
     b = list(Bs) + [Bs[0]] * (3 - n_proj)
-    kernel(_sgmv_expand_kernel)[(num_blocks, n_proj, triton.cdiv(max_out, cols))](
+    kernel(_sgmv_expand_kernel)[(num_blocks, n_proj, triton.cdiv(max_out, block_n))](
         y, v, b[0], b[1], b[2], proj,
         meta.sorted_token_idx, meta.block_slots, meta.block_ranks, meta.block_starts, meta.block_ends,
         y.stride(0), v.stride(0),
-        N_PROJ=n_proj, BLOCK_M=SGMV_BLOCK_M, BLOCK_N=block_n, BLOCK_K=64 if interpret else 16, COLS=cols,
+        N_PROJ=n_proj, BLOCK_M=SGMV_BLOCK_M, BLOCK_N=block_n, BLOCK_K=64 if interpret else 16,
         DOT_DTYPE=dot_dtype(Bs[0].dtype), PRECISION="ieee", num_warps=GPU_LAUNCH.expand_warps,
     )
     return y

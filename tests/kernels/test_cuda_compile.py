@@ -54,7 +54,7 @@ def compile_all(arch: int, dtypes: list[str]) -> None:
             build(sgmv._sgmv_shrink_kernel, lora, dict(N_PROJ=n_proj, BLOCK_M=SGMV_BLOCK_M, BLOCK_N=64, BLOCK_K=64,
                                                        SPLIT_K=split_k, DOT_DTYPE=tl_dtype[dt], PRECISION="ieee"))
             build(sgmv._sgmv_expand_kernel, lora, dict(N_PROJ=n_proj, BLOCK_M=SGMV_BLOCK_M, BLOCK_N=256, BLOCK_K=16,
-                                                       COLS=1024, DOT_DTYPE=tl_dtype[dt], PRECISION="ieee"))
+                                                       DOT_DTYPE=tl_dtype[dt], PRECISION="ieee"))
             build(sgmv._bgmv_shrink_kernel, lora, dict(N_PROJ=n_proj, BLOCK_N=64, BLOCK_K=64, SPLIT_K=split_k))
             build(sgmv._bgmv_expand_kernel, lora, dict(N_PROJ=n_proj, BLOCK_N=128, BLOCK_K=16))
         kv = {**act, "v_ptr": "*" + dt, "slot_ptr": "*i64", "block_tables_ptr": "*i64", "context_lens_ptr": "*i32",
