@@ -38,6 +38,7 @@ class LoRAMeta:
     seg_slots: torch.Tensor        # [S] int32: slot of segment i (never -1)
     slot_ranks: torch.Tensor       # [max_loras] int32: rank of the adapter in each slot
     max_rank: int                  # largest rank among this step's slots: compute is sized to it
+    uniform_rank: bool             # every slot in the step has rank max_rank
     # padded rows layout (CPU path)
     row_len: int
     row_slots: list[int]           # row_slots[i]: slot of row i
@@ -53,6 +54,7 @@ class LoRAMeta:
     block_ranks: torch.Tensor | None = None   # [NB] int32: that slot's rank
     block_starts: torch.Tensor | None = None  # [NB] int32
     block_ends: torch.Tensor | None = None    # [NB] int32
+    rank_groups: list | None = None           # the torch path's per-rank metas, built on first use
 
     @property
     def num_segments(self) -> int:
@@ -108,6 +110,7 @@ def build_lora_meta(
         seg_slots=torch.tensor(slots, **i32),
         slot_ranks=torch.tensor(slot_ranks, **i32),
         max_rank=max((slot_ranks[s] for s in slots), default=0),
+        uniform_rank=len({slot_ranks[s] for s in slots}) <= 1,
         row_len=row_len,
         row_slots=row_slots,
         row_slots_t=torch.tensor(row_slots, **i64),

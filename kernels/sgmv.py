@@ -1,23 +1,29 @@
 """Segmented-gather LoRA (SGMV, after Punica): every token gets its own adapter's delta.
 
 Semantics (one fused projection group with n_proj outputs, scale folded into B):
-    y[t, off_p : off_p + out_p] += (x[t] @ A[slot[t], :, :rank, p]) @ B_p[slot[t], :rank]
+    y[t, off_p : off_p + out_p] += (x[t] @ a_s[:, p::n_proj]) @ B_p[s, :rank]
+        with s = slot[t], a_s = slot_a(A, s, rank[s]) [in, rank * n_proj]
 for every token t with slot[t] >= 0; tokens with slot -1 are untouched.
 
 Weight layout, shared by every implementation:
-    A:  [max_loras, in, r_max, n_proj]  rank-major, projection-minor ("interleaved"), so
-        the first `rank * n_proj` columns of A[s].view(in, -1) are exactly adapter s's
-        ranks for all projections: a rank-aware kernel only bounds its column loop.
-    Bs: n_proj tensors [max_loras, r_max, out_p]; rows >= rank are zero.
+    A:  [max_loras, in, r_max, n_proj] names each slot's capacity (r_max * n_proj a
+        multiple of ROW_ALIGN). Slot s is packed at its adapter's rank: its first
+        in * row_width(rank, n_proj) elements are rows of the adapter's rank * n_proj
+        columns (rank-major, projection-minor: "interleaved"), each padded to a multiple
+        of ROW_ALIGN. `slot_a` is that view. A kernel streams the adapter's own bytes, so
+        a rank-8 adapter in a rank-128 buffer costs rank 8, not 128 (rows padded to r_max
+        would drag whole cache lines of padding along), and rows start 16-byte aligned,
+        so the GPU kernels load A in 16-byte vectors.
+    Bs: n_proj tensors [max_loras, r_max, out_p]; rows >= rank are never read.
 
 This file holds the torch implementations: `add_lora_ref` (a plain loop, the oracle of
-the tests) and `add_lora_grouped` (the CPU production path: one batched matmul per
-shrink and per expand over padded rows of equal length, sized to the step's largest
-rank), and the Triton kernels beside them (the CUDA path): `sgmv_shrink` + `sgmv_expand`
+the tests) and `add_lora_grouped` (the CPU path's fallback beside the C++ op in
+sgmv_cpu.py: one batched matmul per shrink and per expand over padded rows of equal
+length, once per rank in the step), and the Triton kernels beside them (the CUDA path): `sgmv_shrink` + `sgmv_expand`
 over blocks of tokens that share a slot, and `bgmv_shrink` + `bgmv_expand`, one token per
 program (Punica's decode-shaped variant). Between shrink and expand the LoRA activations
 live in `v [T, r_max * n_proj]` fp32, in A's interleaved column order:
-v[t, j * n_proj + p] = x[t] @ A[slot[t], :, j, p].
+v[t, j * n_proj + p] = x[t] @ a_s[:, j * n_proj + p].
 """
 
 from __future__ import annotations
@@ -27,9 +33,31 @@ from dataclasses import dataclass
 
 import torch
 
-from .lora_meta import SGMV_BLOCK_M, LoRAMeta
+from .lora_meta import SGMV_BLOCK_M, LoRAMeta, build_lora_meta
 
 from .triton_support import HAS_TRITON, dot_dtype, kernel, tl, triton
+
+
+ROW_ALIGN = 8   # elements: a packed row of A starts 16-byte aligned at bf16
+
+
+def row_width(rank: int, n_proj: int) -> int:
+    """Elements per packed row of A: the adapter's columns, padded to ROW_ALIGN."""
+    return -(-rank * n_proj // ROW_ALIGN) * ROW_ALIGN
+
+
+def capacity_rank(r_max: int) -> int:
+    """The rank slot buffers are allocated at: r_max rounded up to ROW_ALIGN, so that
+    every rank up to r_max packs into a slot."""
+    return -(-r_max // ROW_ALIGN) * ROW_ALIGN
+
+
+def slot_a(A: torch.Tensor, slot: int, rank: int) -> torch.Tensor:
+    """Adapter `slot`'s A as a [in, rank * n_proj] view of its packed rows (writing
+    through it loads the slot; the pad columns stay as they were)."""
+    _, in_features, _, n_proj = A.shape
+    width = row_width(rank, n_proj)
+    return A[slot].view(-1)[: in_features * width].view(in_features, width)[:, : rank * n_proj]
 
 
 def add_lora_ref(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
@@ -41,23 +69,28 @@ def add_lora_ref(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[tor
         if s < 0:
             continue
         r = ranks[s]
+        a = slot_a(A, s, r).view(A.shape[1], r, A.shape[3])
         for p, ((off, size), B) in enumerate(zip(out_slices, Bs)):
-            v = x[t].float() @ A[s, :, :r, p].float()          # [r]
+            v = x[t].float() @ a[:, :, p].float()               # [r]
             y[t, off : off + size] += (v @ B[s, :r].float()).to(y.dtype)
     return y
 
 
 def add_lora_grouped(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
                      out_slices: list[tuple[int, int]], meta: LoRAMeta) -> torch.Tensor:
-    """CPU path: y += LoRA delta with one bmm for the shrink and one per projection for
-    the expand, over rows of meta.row_len tokens that share an adapter."""
+    """Torch path: y += LoRA delta with one bmm for the shrink and one per projection for
+    the expand, over rows of meta.row_len tokens that share an adapter; a step mixing
+    ranks runs once per rank."""
     if not meta.has_lora:
         return y                                   # no adapter in the step: no work at all
+    if not meta.uniform_rank:                      # one pass per rank, each at its own rank
+        for group in _rank_groups(meta):
+            add_lora_grouped(y, x, A, Bs, out_slices, group)
+        return y
     r = meta.max_rank
     n_proj = A.shape[-1]
     num_rows, row_len = len(meta.row_slots), meta.row_len
-    a = A[:, :, :r, :].reshape(A.shape[0], A.shape[1], r * n_proj)  # view, [L, in, r*n_proj]
-    a = a if meta.rows_are_all_slots else a.index_select(0, meta.row_slots_t)
+    a = _rows_a(A, meta, r)                                           # [R, in, r*n_proj]
     xr = x if meta.rows_are_tokens else x.index_select(0, meta.pad_idx)
     xr = xr.view(num_rows, row_len, -1)                                # [R, row_len, in]
     v = torch.bmm(xr, a)                                              # [R, row_len, r*n_proj]
@@ -65,8 +98,7 @@ def add_lora_grouped(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list
         v = v * meta.pad_mask                      # pad cells hold token 0: zero them
     v = v.view(num_rows, row_len, r, n_proj)
     for p, ((off, size), B) in enumerate(zip(out_slices, Bs)):
-        b = B[:, :r]
-        b = b if meta.rows_are_all_slots else b.index_select(0, meta.row_slots_t)
+        b = _row_weights(B[:, :r], meta)                               # [R, r, out_p]
         if meta.rows_are_tokens:                   # accumulate straight into y's columns
             y[:, off : off + size].view(num_rows, row_len, size).baddbmm_(v[..., p], b)
             continue
@@ -77,6 +109,33 @@ def add_lora_grouped(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list
     return y
 
 
+def _rows_a(A: torch.Tensor, meta: LoRAMeta, r: int) -> torch.Tensor:
+    """Each row's adapter A as [num_rows, in, r * n_proj], a strided view of the packed
+    slots (every slot in the step has rank r)."""
+    L, in_features, _, n_proj = A.shape
+    width = row_width(r, n_proj)
+    return _row_weights(A.view(L, -1)[:, : in_features * width].view(L, in_features, width)[:, :, : r * n_proj], meta)
+
+
+def _row_weights(w: torch.Tensor, meta: LoRAMeta) -> torch.Tensor:
+    """w [max_loras, ...] per row: w itself when the rows are the slots, else a stack of
+    the rows' slots (5x faster than index_select on these strided bf16 views)."""
+    return w if meta.rows_are_all_slots else torch.stack([w[s] for s in meta.row_slots])
+
+
+def _rank_groups(meta: LoRAMeta) -> list[LoRAMeta]:
+    """The step split by rank, one meta per rank present (the other tokens at slot -1),
+    built once per step and kept on the meta."""
+    if meta.rank_groups is None:
+        slots, ranks = meta.token_slots.tolist(), meta.slot_ranks.tolist()
+        dtype = meta.pad_mask.dtype if meta.pad_mask is not None else torch.float32
+        meta.rank_groups = [
+            build_lora_meta([s if s >= 0 and ranks[s] == r else -1 for s in slots], ranks,
+                            meta.token_slots.device, dtype)
+            for r in sorted({ranks[s] for s in slots if s >= 0})]
+    return meta.rank_groups
+
+
 # ---------------------------------------------------------------------------------------
 # Triton kernels. Each program reads its slot and that slot's rank and does work only for
 # the adapter's own `rank * n_proj` columns (rank-aware); slot -1 tokens are in no block.
@@ -84,14 +143,16 @@ def add_lora_grouped(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list
 def _sgmv_shrink_kernel(
     x_ptr, a_ptr, v_ptr,
     sorted_idx_ptr, block_slots_ptr, block_ranks_ptr, block_starts_ptr, block_ends_ptr,
-    in_features, stride_xt, stride_al, stride_ai, stride_vt,
-    N_PROJ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    in_features, stride_xt, stride_al, stride_vt,
+    N_PROJ: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Semantics: v[t, :rank*n_proj] = x[t] @ A[slot[t]].view(in, -1)[:, :rank*n_proj].
+    """Semantics: v[t, :rank*n_proj] = x[t] @ slot_a(A, slot[t], rank).
     Grid (block, column block, split-K); x rows are gathered through sorted_token_idx.
     A block's slot, rank and token range are read in one go (no chain of dependent loads
-    before the weights stream: decode programs are short)."""
+    before the weights stream: decode programs are short). A's tile is loaded whole packed
+    rows wide (pad columns included, their products never stored): a mask that changes
+    only every ROW_ALIGN columns lets the compiler load it in 16-byte vectors."""
     blk = tl.program_id(0)
     slot = tl.load(block_slots_ptr + blk)
     cols = tl.load(block_ranks_ptr + blk) * N_PROJ          # this adapter's columns
@@ -104,6 +165,8 @@ def _sgmv_shrink_kernel(
     m_mask = offs_m < end
     tok = tl.load(sorted_idx_ptr + offs_m, mask=m_mask, other=0)       # [BLOCK_M] int64
     n_mask = offs_n < cols
+    width = tl.multiple_of(tl.cdiv(cols, ROW_ALIGN) * ROW_ALIGN, ROW_ALIGN)   # packed row of A
+    a_mask = offs_n < width
     x_rows = x_ptr + tok[:, None] * stride_xt
     a_cols = a_ptr + slot.to(tl.int64) * stride_al + offs_n[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -111,7 +174,7 @@ def _sgmv_shrink_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < in_features
         xt = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        at = tl.load(a_cols + offs_k[:, None] * stride_ai, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        at = tl.load(a_cols + offs_k[:, None] * width, mask=k_mask[:, None] & a_mask[None, :], other=0.0)
         acc += tl.dot(xt.to(DOT_DTYPE), at.to(DOT_DTYPE), input_precision=PRECISION)
     v_ptrs = v_ptr + tok[:, None] * stride_vt + offs_n[None, :]
     if SPLIT_K == 1:
@@ -124,19 +187,21 @@ def _sgmv_expand_kernel(
     y_ptr, v_ptr, b0_ptr, b1_ptr, b2_ptr, proj_ptr,
     sorted_idx_ptr, block_slots_ptr, block_ranks_ptr, block_starts_ptr, block_ends_ptr,
     stride_yt, stride_vt,
-    N_PROJ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    N_PROJ: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Semantics: y[t, off_p + n] += v[t, p::n_proj][:rank] @ B_p[slot[t], :rank, n].
     Grid (block, projection, column block); proj_ptr [n_proj, 4] int64 holds
-    (column offset, out_p, B_p stride 0, B_p stride 1) per projection."""
+    (column offset, out_p, B_p stride 0, B_p stride 1) per projection, all multiples of
+    VEC (the launcher checks): values read from memory carry no alignment of their own,
+    and without it every load of B and y would be a 2-byte scalar."""
     blk = tl.program_id(0)
     p = tl.program_id(1)
     slot = tl.load(block_slots_ptr + blk)
     rank = tl.load(block_ranks_ptr + blk)
     start = tl.load(block_starts_ptr + blk)
     end = tl.load(block_ends_ptr + blk)
-    out_p = tl.load(proj_ptr + p * 4 + 1)
+    out_p = tl.multiple_of(tl.load(proj_ptr + p * 4 + 1), VEC)
     if slot < 0 or tl.program_id(2) * BLOCK_N >= out_p:
         return
     if p == 0:
@@ -149,9 +214,9 @@ def _sgmv_expand_kernel(
     m_mask = offs_m < end
     tok = tl.load(sorted_idx_ptr + offs_m, mask=m_mask, other=0)       # [BLOCK_M] int64
     v_rows = v_ptr + tok[:, None] * stride_vt + p
-    b_slot = b_ptr + slot.to(tl.int64) * tl.load(proj_ptr + p * 4 + 2)
-    stride_br = tl.load(proj_ptr + p * 4 + 3)
-    y_rows = y_ptr + tok[:, None] * stride_yt + tl.load(proj_ptr + p * 4)
+    b_slot = b_ptr + slot.to(tl.int64) * tl.multiple_of(tl.load(proj_ptr + p * 4 + 2), VEC)
+    stride_br = tl.multiple_of(tl.load(proj_ptr + p * 4 + 3), VEC)
+    y_rows = y_ptr + tok[:, None] * stride_yt + tl.multiple_of(tl.load(proj_ptr + p * 4), VEC)
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < out_p
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -169,8 +234,9 @@ def _sgmv_expand_kernel(
 
 def _bgmv_shrink_kernel(
     x_ptr, a_ptr, v_ptr, token_slots_ptr, slot_ranks_ptr,
-    in_features, stride_xt, stride_al, stride_ai, stride_vt,
-    N_PROJ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    in_features, stride_xt, stride_al, stride_vt,
+    N_PROJ: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """Semantics: as _sgmv_shrink_kernel, one token per program. Grid (token, column block,
     split-K): a matrix-vector product, no padding of a decode token to a 16-row tile."""
@@ -183,13 +249,15 @@ def _bgmv_shrink_kernel(
         return
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < cols
+    width = tl.multiple_of(tl.cdiv(cols, ROW_ALIGN) * ROW_ALIGN, ROW_ALIGN)   # packed row of A
+    a_mask = offs_n < width
     a_cols = a_ptr + slot.to(tl.int64) * stride_al + offs_n[None, :]
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(tl.program_id(2) * BLOCK_K, in_features, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < in_features
         xt = tl.load(x_ptr + t.to(tl.int64) * stride_xt + offs_k, mask=k_mask, other=0.0)
-        at = tl.load(a_cols + offs_k[:, None] * stride_ai, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        at = tl.load(a_cols + offs_k[:, None] * width, mask=k_mask[:, None] & a_mask[None, :], other=0.0)
         acc += tl.sum(xt.to(tl.float32)[:, None] * at.to(tl.float32), axis=0)
     v_ptrs = v_ptr + t.to(tl.int64) * stride_vt + offs_n
     if SPLIT_K == 1:
@@ -201,7 +269,7 @@ def _bgmv_shrink_kernel(
 def _bgmv_expand_kernel(
     y_ptr, v_ptr, b0_ptr, b1_ptr, b2_ptr, proj_ptr, token_slots_ptr, slot_ranks_ptr,
     stride_yt, stride_vt,
-    N_PROJ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    N_PROJ: tl.constexpr, VEC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Semantics: as _sgmv_expand_kernel, one token per program. Grid (token, projection,
     column block)."""
@@ -210,7 +278,7 @@ def _bgmv_expand_kernel(
     if slot < 0:
         return
     p = tl.program_id(1)
-    out_p = tl.load(proj_ptr + p * 4 + 1)
+    out_p = tl.multiple_of(tl.load(proj_ptr + p * 4 + 1), VEC)
     if tl.program_id(2) * BLOCK_N >= out_p:
         return
     rank = tl.load(slot_ranks_ptr + slot)
@@ -222,8 +290,8 @@ def _bgmv_expand_kernel(
         b_ptr = b2_ptr
     offs_n = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < out_p
-    b_cols = b_ptr + slot.to(tl.int64) * tl.load(proj_ptr + p * 4 + 2) + offs_n[None, :]
-    stride_br = tl.load(proj_ptr + p * 4 + 3)
+    b_cols = b_ptr + slot.to(tl.int64) * tl.multiple_of(tl.load(proj_ptr + p * 4 + 2), VEC) + offs_n[None, :]
+    stride_br = tl.multiple_of(tl.load(proj_ptr + p * 4 + 3), VEC)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(0, rank, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -231,7 +299,7 @@ def _bgmv_expand_kernel(
         vt = tl.load(v_ptr + t.to(tl.int64) * stride_vt + offs_k * N_PROJ + p, mask=k_mask, other=0.0)
         bt = tl.load(b_cols + offs_k[:, None] * stride_br, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc += tl.sum(vt[:, None] * bt.to(tl.float32), axis=0)
-    y_ptrs = y_ptr + t.to(tl.int64) * stride_yt + tl.load(proj_ptr + p * 4) + offs_n
+    y_ptrs = y_ptr + t.to(tl.int64) * stride_yt + tl.multiple_of(tl.load(proj_ptr + p * 4), VEC) + offs_n
     y = tl.load(y_ptrs, mask=n_mask, other=0.0)
     tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y_ptr.dtype.element_ty), mask=n_mask)
 
@@ -271,12 +339,14 @@ def _check_lora_args(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta) -> None:
     assert x.shape[1] == A.shape[1] and x.shape[0] == meta.num_tokens, (x.shape, A.shape, meta.num_tokens)
     assert x.stride(1) == 1 and A.is_contiguous(), "x rows and A must be contiguous"
     assert A.shape[0] == meta.max_loras, (A.shape, meta.max_loras)
+    assert A.shape[2] * A.shape[3] % ROW_ALIGN == 0, f"r_max * n_proj must be a multiple of {ROW_ALIGN}: {A.shape}"
     assert x.device == A.device == meta.token_slots.device
 
 
 def _proj_table(y: torch.Tensor, v: torch.Tensor, Bs: list[torch.Tensor],
-                out_slices: list[tuple[int, int]], meta: LoRAMeta) -> torch.Tensor:
-    """Check the expand contract; return [n_proj, 4] int64 (offset, out_p, B stride 0, stride 1)."""
+                out_slices: list[tuple[int, int]], meta: LoRAMeta) -> tuple[torch.Tensor, int]:
+    """Check the expand contract; return [n_proj, 4] int64 (offset, out_p, B stride 0,
+    stride 1) and the largest of 8 and 1 that divides them all (the kernels' VEC)."""
     n_proj = len(Bs)
     assert 1 <= n_proj <= 3 and len(out_slices) == n_proj, "1 to 3 fused projections"
     assert y.dim() == 2 and y.stride(1) == 1 and y.shape[0] == meta.num_tokens, "y [T, N], rows contiguous"
@@ -288,7 +358,8 @@ def _proj_table(y: torch.Tensor, v: torch.Tensor, Bs: list[torch.Tensor],
         assert B.shape == (meta.max_loras, r_max, size), (B.shape, meta.max_loras, r_max, size)
         assert 0 <= off and off + size <= y.shape[1], (off, size, y.shape)
     rows = tuple((off, size, B.stride(0), B.stride(1)) for B, (off, size) in zip(Bs, out_slices))
-    return _proj_tensor(rows, y.device)
+    vec = 8 if all(value % 8 == 0 for row in rows for value in row) else 1
+    return _proj_tensor(rows, y.device), vec
 
 
 @functools.lru_cache(maxsize=64)
@@ -298,9 +369,9 @@ def _proj_tensor(rows: tuple, device: torch.device) -> torch.Tensor:
 
 
 def sgmv_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta) -> torch.Tensor:
-    """Semantics: v[t, j*n_proj + p] = x[t] @ A[slot[t], :, j, p] for j < rank[slot[t]].
-    x [T, in], A [max_loras, in, r_max, n_proj]; returns v [T, r_max * n_proj] fp32
-    (zero outside each token's rank columns and on slot -1 rows)."""
+    """Semantics: v[t, :rank * n_proj] = x[t] @ slot_a(A, slot[t], rank[slot[t]]).
+    x [T, in], A [max_loras, in, r_max, n_proj] packed; returns v [T, r_max * n_proj]
+    fp32 (zero outside each token's rank columns and on slot -1 rows)."""
     _check_lora_args(x, A, meta)
     _, in_features, r_max, n_proj = A.shape
     v = torch.zeros(x.shape[0], r_max * n_proj, dtype=torch.float32, device=x.device)
@@ -315,9 +386,9 @@ def sgmv_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta) -> torch.Tenso
     kernel(_sgmv_shrink_kernel)[(num_blocks, grid_n, split_k)](
         x, A, v,
         meta.sorted_token_idx, meta.block_slots, meta.block_ranks, meta.block_starts, meta.block_ends,
-        in_features, x.stride(0), A.stride(0), A.stride(1), v.stride(0),
-        N_PROJ=n_proj, BLOCK_M=SGMV_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
-        DOT_DTYPE=dot_dtype(x.dtype), PRECISION="ieee",
+        in_features, x.stride(0), A.stride(0), v.stride(0),
+        N_PROJ=n_proj, ROW_ALIGN=ROW_ALIGN, BLOCK_M=SGMV_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
+        SPLIT_K=split_k, DOT_DTYPE=dot_dtype(x.dtype), PRECISION="ieee",
         num_warps=GPU_LAUNCH.shrink_warps, num_stages=GPU_LAUNCH.shrink_stages,
     )
     return v
@@ -328,7 +399,7 @@ def sgmv_expand(y: torch.Tensor, v: torch.Tensor, Bs: list[torch.Tensor],
     """Semantics: y[t, off_p : off_p + out_p] += v[t, p::n_proj][:rank] @ Bs[p][slot[t], :rank].
     v [T, r_max * n_proj] fp32 from sgmv_shrink; y may be a column slice of a wider output.
     Returns y, updated in place."""
-    proj = _proj_table(y, v, Bs, out_slices, meta)
+    proj, vec = _proj_table(y, v, Bs, out_slices, meta)
     num_blocks = meta.block_slots.numel()
     if not meta.has_lora or num_blocks == 0:
         return y
@@ -341,7 +412,7 @@ def sgmv_expand(y: torch.Tensor, v: torch.Tensor, Bs: list[torch.Tensor],
         y, v, b[0], b[1], b[2], proj,
         meta.sorted_token_idx, meta.block_slots, meta.block_ranks, meta.block_starts, meta.block_ends,
         y.stride(0), v.stride(0),
-        N_PROJ=n_proj, BLOCK_M=SGMV_BLOCK_M, BLOCK_N=block_n, BLOCK_K=64 if interpret else 16,
+        N_PROJ=n_proj, VEC=vec, BLOCK_M=SGMV_BLOCK_M, BLOCK_N=block_n, BLOCK_K=64 if interpret else 16,
         DOT_DTYPE=dot_dtype(Bs[0].dtype), PRECISION="ieee", num_warps=GPU_LAUNCH.expand_warps,
     )
     return y
@@ -362,8 +433,8 @@ def bgmv_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta) -> torch.Tenso
     split_k = _split_k(T * grid_n, in_features, block_k, GPU_LAUNCH.shrink_min_programs)
     kernel(_bgmv_shrink_kernel)[(T, grid_n, split_k)](
         x, A, v, meta.token_slots, meta.slot_ranks,
-        in_features, x.stride(0), A.stride(0), A.stride(1), v.stride(0),
-        N_PROJ=n_proj, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
+        in_features, x.stride(0), A.stride(0), v.stride(0),
+        N_PROJ=n_proj, ROW_ALIGN=ROW_ALIGN, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
     )
     return v
 
@@ -371,7 +442,7 @@ def bgmv_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta) -> torch.Tenso
 def bgmv_expand(y: torch.Tensor, v: torch.Tensor, Bs: list[torch.Tensor],
                 out_slices: list[tuple[int, int]], meta: LoRAMeta) -> torch.Tensor:
     """Semantics: as sgmv_expand, one token per program. Returns y, updated in place."""
-    proj = _proj_table(y, v, Bs, out_slices, meta)
+    proj, vec = _proj_table(y, v, Bs, out_slices, meta)
     if not meta.has_lora:
         return y
     n_proj = len(Bs)
@@ -382,7 +453,7 @@ def bgmv_expand(y: torch.Tensor, v: torch.Tensor, Bs: list[torch.Tensor],
     kernel(_bgmv_expand_kernel)[(y.shape[0], n_proj, triton.cdiv(max_out, block_n))](
         y, v, b[0], b[1], b[2], proj, meta.token_slots, meta.slot_ranks,
         y.stride(0), v.stride(0),
-        N_PROJ=n_proj, BLOCK_N=block_n, BLOCK_K=16,
+        N_PROJ=n_proj, VEC=vec, BLOCK_N=block_n, BLOCK_K=16,
     )
     return y
 

@@ -1,7 +1,9 @@
 // CPU SGMV: every token gets its own adapter's LoRA delta, one pass over each adapter's
 // weights per block of tokens that share it (built and dispatched by sgmv_cpu.py).
 //
-// Semantics: y[t, off_p : off_p + out_p] += (x[t] @ A[slot[t], :, :rank, p]) @ B_p[slot[t], :rank]
+// Semantics: y[t, off_p : off_p + out_p] += (x[t] @ a_s[:, p::n_proj]) @ B_p[s, :rank]
+// with s = slot[t] and a_s its packed A rows (kernels/sgmv.py: row_width(rank, n_proj)
+// elements apart, the first rank * n_proj of them the adapter's)
 //
 // A decode step has a few tokens per adapter, so the work is bound by reading the
 // weights: each block of up to kBlockM tokens streams its adapter's A once for the shrink
@@ -35,6 +37,9 @@ constexpr int L = 16;        // fp32 lanes per vector
 constexpr int MT = 4;        // tokens per register tile
 constexpr int kChunk = 64;   // columns per register tile: MT x 64 fp32 accumulators
 constexpr int kBlockM = 16;  // tokens per work item
+constexpr int64_t kRowAlign = 8;  // packed rows of A: kernels/sgmv.py ROW_ALIGN
+
+int64_t row_width(int64_t rank, int64_t n_proj) { return (rank * n_proj + kRowAlign - 1) / kRowAlign * kRowAlign; }
 // Software prefetch distances (best of those tried on a decode step, Zen 5, 2 cores). A's
 // rows run into the next adapter's slab, which the hardware prefetcher would not start on;
 // a tile's B rows are ldb apart, more streams than the hardware prefetcher follows.
@@ -266,7 +271,7 @@ void for_column_chunks(int64_t cols, F&& tile) {
   }
 
 struct Step {
-  int64_t K, n_proj, lda, lda_slot, ldx, ldy;
+  int64_t K, n_proj, lda_slot, ldx, ldy;
   std::vector<int64_t> offs, outs, ldb_slot;
   const int64_t* tokens;
   const int32_t* slot_ranks;
@@ -283,7 +288,8 @@ void run_block(const Step& s, const Block& blk, const T* x, const T* A,
   const int64_t ldv = (C + 31) / 32 * 32;         // whole units of either dtype
   xs.resize(MT * s.K);
   v.resize(MT * ldv);
-  const T* a = A + blk.slot * s.lda_slot;
+  const T* a = A + blk.slot * s.lda_slot;           // packed rows, lda apart
+  const int64_t lda = row_width(blk.rank, s.n_proj);
   for (int64_t m0 = blk.p0; m0 < blk.p1; m0 += MT) {
     const int mt = (int)std::min<int64_t>(MT, blk.p1 - m0);
     T* y_rows[MT];
@@ -299,7 +305,7 @@ void run_block(const Step& s, const Block& blk, const T* x, const T* A,
       }
     }
     for_column_chunks<T>(C, [&](int64_t c0, int nu, int last) {
-      SGMV_DISPATCH(T, nu, last, shrink_tile<T, NU, HALF>(xs.data(), a + c0, s.lda, s.K, last, v.data() + c0, ldv));
+      SGMV_DISPATCH(T, nu, last, shrink_tile<T, NU, HALF>(xs.data(), a + c0, lda, s.K, last, v.data() + c0, ldv));
     });
     for (int64_t p = 0; p < s.n_proj; ++p) {
       const T* b = Bs[p] + blk.slot * s.ldb_slot[p];
@@ -324,7 +330,8 @@ void run_long_segment(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, c
   const auto idx = tokens.narrow(0, blk.p0, M);
   const auto xs = consecutive ? x.narrow(0, t0, M) : x.index_select(0, idx);
   auto ys = consecutive ? y.narrow(0, t0, M) : y.index_select(0, idx);
-  const auto a = A[blk.slot].view({s.K, -1}).narrow(1, 0, blk.rank * s.n_proj);  // [K, rank * n_proj]
+  const int64_t lda = row_width(blk.rank, s.n_proj);                               // packed rows
+  const auto a = A[blk.slot].view(-1).narrow(0, 0, s.K * lda).view({s.K, lda}).narrow(1, 0, blk.rank * s.n_proj);
   const auto v = at::mm(xs, a).view({M, blk.rank, s.n_proj});
   for (int64_t p = 0; p < s.n_proj; ++p)
     ys.narrow(1, s.offs[p], s.outs[p]).addmm_(v.select(2, p), Bs[p][blk.slot].narrow(0, 0, blk.rank));
@@ -372,13 +379,13 @@ void add_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const std:
   Step s;
   s.K = A.size(1);
   s.n_proj = A.size(3);
-  s.lda = A.size(2) * s.n_proj;
   s.lda_slot = A.stride(0);
   s.ldx = x.stride(0);
   s.ldy = y.stride(0);
   s.tokens = tokens.data_ptr<int64_t>();
   s.slot_ranks = slot_ranks.data_ptr<int32_t>();
   TORCH_CHECK(x.size(1) == s.K, "x and A disagree on in_features");
+  TORCH_CHECK(A.size(2) * s.n_proj % kRowAlign == 0, "A's r_max * n_proj must be a multiple of 8 (packed rows)");
   for (size_t p = 0; p < Bs.size(); ++p) {
     const auto& B = Bs[p];
     TORCH_CHECK(B.dim() == 3 && B.is_contiguous() && B.scalar_type() == y.scalar_type() &&

@@ -22,6 +22,24 @@ ADAPTER_MIX = [
 ]
 
 
+def random_lora_slots(ranks: list[int], hidden: int, outs: list[int], gen: torch.Generator,
+                      pad: float = 0.0, r_max: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Slot buffers A, Bs in the kernels' packed layout (kernels/sgmv.py), allocated for
+    rank max(r_max, ranks), holding one random adapter per slot at ranks[slot]; every
+    other element is `pad` (NaN makes a kernel that reads past an adapter's weights
+    poison its output)."""
+    from loraserve.kernels.sgmv import capacity_rank, slot_a
+
+    r_cap, n_proj = capacity_rank(max(r_max, *ranks)), len(outs)
+    A = torch.full((len(ranks), hidden, r_cap, n_proj), pad)
+    Bs = [torch.full((len(ranks), r_cap, o), pad) for o in outs]
+    for s, r in enumerate(ranks):
+        slot_a(A, s, r).copy_(torch.randn(hidden, r * n_proj, generator=gen) / hidden ** 0.5)
+        for B in Bs:
+            B[s, :r] = torch.randn(r, B.shape[2], generator=gen) / r ** 0.5
+    return A, Bs
+
+
 def tiny_config(model_type: str, vocab_size: int):
     from transformers import LlamaConfig, Qwen2Config
 

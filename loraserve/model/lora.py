@@ -1,8 +1,9 @@
 """Device slots for LoRA weights, one stacked buffer pair per fused projection group.
 
-A slot holds one adapter for every layer: A zero-padded from its rank to r_max, B with
-its scaling (alpha/r, or alpha/sqrt(r) for rsLoRA) folded in, so the forward pass does
-no per-adapter arithmetic. Modules the adapter does not target stay zero.
+A slot holds one adapter for every layer: A packed at the adapter's rank (the kernels'
+layout, kernels/sgmv.py), B with its scaling (alpha/r, or alpha/sqrt(r) for rsLoRA)
+folded in, so the forward pass does no per-adapter arithmetic. Modules the adapter does
+not target stay zero.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from loraserve.kernels.sgmv import capacity_rank, slot_a
 
 # PEFT module name -> (fused group, index of the projection inside the group)
 MODULE_TO_GROUP = {
@@ -23,13 +26,14 @@ MODULE_TO_GROUP = {
 @dataclass
 class LoRAGroup:
     """Slot buffers of one fused projection (e.g. q,k,v of one layer)."""
-    A: torch.Tensor                    # [max_loras, in, r_max, n_proj]: A[s, :, j, p] = rank j of projection p
+    A: torch.Tensor                    # [max_loras, in, r_cap, n_proj], slots packed: see kernels/sgmv.py
     Bs: list[torch.Tensor]             # per projection [max_loras, r_max, out_p], scale folded in
     out_slices: list[tuple[int, int]]  # (column offset, width) of each projection in the fused output
 
     @classmethod
     def empty(cls, in_features: int, outs: list[int], max_loras: int, r_max: int, dtype, device):
         offsets = [sum(outs[:i]) for i in range(len(outs))]
+        r_max = capacity_rank(r_max)
         return cls(
             A=torch.zeros(max_loras, in_features, r_max, len(outs), dtype=dtype, device=device),
             Bs=[torch.zeros(max_loras, r_max, o, dtype=dtype, device=device) for o in outs],
@@ -42,9 +46,10 @@ class LoRAGroup:
             B[slot].zero_()
 
     def write(self, slot: int, p: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
-        """lora_a [r, in], lora_b [out, r] as PEFT stores them."""
+        """lora_a [r, in], lora_b [out, r] as PEFT stores them (one r for all modules)."""
         r = lora_a.shape[0]
-        self.A[slot, :, :r, p] = lora_a.t().to(self.A.dtype)
+        packed = slot_a(self.A, slot, r).view(self.A.shape[1], r, self.A.shape[3])
+        packed[:, :, p] = lora_a.t().to(self.A.dtype)
         self.Bs[p][slot, :r] = (lora_b.t().float() * scaling).to(self.A.dtype)
 
 

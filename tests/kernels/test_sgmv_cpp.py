@@ -1,6 +1,6 @@
 """The C++ CPU SGMV op (kernels/sgmv_cpu.cpp) against the fp32 loop oracle.
 
-The grid: dtype x rank (ranks below r_max read a strided part of A; column counts that
+The grid: dtype x rank (ranks below r_max read a shorter, packed part of A; column counts that
 are not a multiple of 16 take the masked tails) x projections per group x token layout.
 Segments longer than MAX_SEG_LEN go to ATen matmuls inside the op, so two layouts also run
 with every segment on ATen and with every segment on the op's own blocks. The extension
@@ -12,6 +12,8 @@ import shutil
 
 import pytest
 import torch
+
+from lorakit import random_lora_slots
 
 from loraserve.kernels import add_lora_ref, build_lora_meta, sgmv_cpu
 from loraserve.kernels.sgmv_cpu import add_lora_cpu
@@ -37,13 +39,8 @@ def layout(kind: str) -> list[int]:
 def make(kind: str, dtype, ranks, outs, hidden=72, seed=0):
     """Inputs rounded to dtype, and the oracle's answer on exactly those values."""
     gen = torch.Generator().manual_seed(seed)
-    r_max, n_proj = max(16, *ranks), len(outs)
-    A = torch.zeros(len(ranks), hidden, r_max, n_proj)
-    Bs = [torch.zeros(len(ranks), r_max, o) for o in outs]
-    for s, r in enumerate(ranks):               # rows past the rank stay zero (the slot contract)
-        A[s, :, :r] = torch.randn(hidden, r, n_proj, generator=gen) / hidden ** 0.5
-        for B in Bs:
-            B[s, :r] = torch.randn(r, B.shape[2], generator=gen) / r ** 0.5
+    # A's pad and B's rows past the rank are NaN: the op must never read them
+    A, Bs = random_lora_slots(list(ranks), hidden, list(outs), gen, pad=float("nan"), r_max=16)
     slots = layout(kind)
     x = torch.randn(len(slots), hidden, generator=gen)
     y = torch.randn(len(slots), sum(outs), generator=gen)

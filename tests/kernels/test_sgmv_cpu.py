@@ -1,8 +1,7 @@
 """The CPU production path of SGMV (`add_lora_grouped`) against the fp32 loop oracle.
 
-It relies on the slot buffers' contract (weights past an adapter's rank are zero) and
-computes every row at the step's largest rank, so its problems are zero-padded, unlike
-the Triton tests' NaN padding. Token layouts cover the three paths of the function:
+Every row is computed at the step's largest rank; with mixed ranks the smaller adapters
+are copied out zero-padded, so the slots' padding (NaN here) is never read. Token layouts cover the three paths of the function:
 rows that are x itself (tokens sorted by slot, equal segments), padded rows gathered
 from any order, and long segments split into several rows.
 """
@@ -11,6 +10,8 @@ import random
 
 import pytest
 import torch
+
+from lorakit import random_lora_slots
 
 from loraserve.kernels import add_lora_grouped, add_lora_ref, build_lora_meta
 
@@ -31,13 +32,7 @@ def layout(kind: str, rng: random.Random) -> list[int]:
 def make(kind: str, dtype, ranks=(4, 16, 8, 1, 16, 12, 2, 16), hidden=96, outs=(96, 24, 24), seed=0):
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
-    r_max, n_proj = max(ranks), len(outs)
-    A = torch.zeros(len(ranks), hidden, r_max, n_proj)
-    Bs = [torch.zeros(len(ranks), r_max, o) for o in outs]
-    for s, r in enumerate(ranks):
-        A[s, :, :r] = torch.randn(hidden, r, n_proj, generator=gen) / hidden ** 0.5
-        for B in Bs:
-            B[s, :r] = torch.randn(r, B.shape[2], generator=gen) / r ** 0.5
+    A, Bs = random_lora_slots(list(ranks), hidden, list(outs), gen, pad=float("nan"))
     slots = layout(kind, rng)
     x = torch.randn(len(slots), hidden, generator=gen)
     y = torch.randn(len(slots), sum(outs), generator=gen)
@@ -46,10 +41,13 @@ def make(kind: str, dtype, ranks=(4, 16, 8, 1, 16, 12, 2, 16), hidden=96, outs=(
     return y, x, A, Bs, out_slices, meta
 
 
+@pytest.mark.parametrize("ranks", [(4, 16, 8, 1, 16, 12, 2, 16), (8,) * 8], ids=["mixed", "uniform"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["sorted_equal", "shuffled_with_base", "one_long_segment", "none"])
-def test_grouped_matches_oracle(kind, dtype):
-    y, x, A, Bs, out_slices, meta = make(kind, dtype)
+def test_grouped_matches_oracle(kind, dtype, ranks):
+    """Uniform ranks take strided views of the packed slots; mixed ranks copy them out."""
+    y, x, A, Bs, out_slices, meta = make(kind, dtype, ranks=ranks)
+    assert meta.uniform_rank == (len(set(ranks)) == 1) or kind == "none"
     expected = add_lora_ref(y.clone(), x, A, Bs, out_slices, meta)
     y_d = y.to(dtype)
     out = add_lora_grouped(y_d, x.to(dtype), A.to(dtype), [B.to(dtype) for B in Bs], out_slices, meta)
