@@ -1,0 +1,165 @@
+"""The CPU LoRA path (kernels/sgmv_cpu.cpp) against the memory-bandwidth roofline and
+against the formulations it replaces; the CPU counterpart of benchmarks/kernels.py.
+
+    python benchmarks/lora_cpu.py            # bf16 and fp32, prints the tables
+    python benchmarks/lora_cpu.py --write    # and puts them in benchmarks/RESULTS.md
+
+1. copy bandwidth of this machine (torch copy_ of 512 MiB, all threads): the roofline
+2. decode shapes (hidden 4096, rank 16, one projection, batch 1..256, 1 and 64 distinct
+   adapters): the op's achieved bandwidth, and the same add through
+   - torch bmm: add_lora_grouped, one batched matmul per shrink and expand over padded rows
+   - per-adapter: a matmul pair per adapter in the batch, HF+PEFT's mixed-batch loop
+3. rank-aware cost: a batch mixing rank-8 and rank-128 adapters against all-8 and all-128;
+   "all 128" is also what the mixed batch costs where every adapter is padded to the
+   largest rank (vLLM's layout)
+
+Bytes counted are those the add must move at least: x, the weights of the adapters in the
+batch at their rank, and y read and written. Every timed call cycles through copies of
+the weights that together overflow the last-level cache, as a model's layers do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from results_md import write_section  # noqa: E402
+
+from loraserve.kernels import add_lora_cpu, add_lora_grouped, build_lora_meta, warm_up_cpu_lora  # noqa: E402
+from loraserve.kernels.sgmv import slot_a  # noqa: E402
+
+LLC_BYTES = 32 << 20      # this machine's L3 (lscpu); weight copies overflow twice that
+MAX_ALLOC_BYTES = 4 << 30
+BATCHES = (1, 4, 16, 64, 256)
+
+
+def copy_bandwidth() -> float:
+    src = torch.empty(512 << 20, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    return 2 * src.numel() / best_ms(lambda: dst.copy_(src), reps=5) / 1e6
+
+
+def best_ms(fn, reps: int) -> float:
+    """Best of `reps` calls in ms: the noise on a shared machine only ever adds time."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+def per_adapter_loop(y, x, A, Bs, out_slices, meta):
+    """HF+PEFT's mixed-batch formulation: for each adapter, gather its tokens, run its
+    two matmuls, scatter the delta back."""
+    slots = meta.token_slots.tolist()
+    ranks = meta.slot_ranks.tolist()
+    for s in sorted(set(slots) - {-1}):
+        idx = torch.tensor([t for t, u in enumerate(slots) if u == s])
+        r = ranks[s]
+        for p, ((off, size), B) in enumerate(zip(out_slices, Bs)):
+            delta = (x.index_select(0, idx) @ slot_a(A, s, r)[:, p::len(Bs)]) @ B[s, :r]
+            y[:, off:off + size].index_add_(0, idx, delta)
+    return y
+
+
+class Problem:
+    """One LoRA add: a batch of tokens over `len(ranks)` adapters (token t uses adapter
+    t % n), weights in slot buffers at the largest rank, copied until the bytes one add
+    reads, over all copies, are twice the LLC."""
+
+    def __init__(self, hidden: int, ranks: list[int], batch: int, dtype):
+        n, r_max = len(ranks), max(ranks)
+        slots = [t % n for t in range(batch)]
+        used = sum(ranks[s] for s in set(slots))
+        self.bytes = (used * 2 * hidden + 3 * batch * hidden) * dtype.itemsize
+        copy_bytes = n * 2 * hidden * r_max * dtype.itemsize
+        self.copies = max(1, min(-(-2 * LLC_BYTES // self.bytes), MAX_ALLOC_BYTES // copy_bytes))
+        self.weights = [(torch.randn(n, hidden, r_max, 1, dtype=dtype) / hidden ** 0.5,
+                         [torch.randn(n, r_max, hidden, dtype=dtype) / r_max ** 0.5])
+                        for _ in range(self.copies)]
+        self.meta = build_lora_meta(slots, ranks, dtype=dtype)
+        self.x = torch.randn(batch, hidden, dtype=dtype)
+        self.y = torch.zeros(batch, hidden, dtype=dtype)
+        self.out_slices = [(0, hidden)]
+
+    def ms(self, impl, reps: int = 5) -> float:
+        """ms per add, each add on the next weight copy."""
+        def run():
+            for A, Bs in self.weights:
+                impl(self.y, self.x, A, Bs, self.out_slices, self.meta)
+        return best_ms(run, reps) / self.copies
+
+
+def bench_decode(dtype, copy_gbs: float) -> str:
+    hidden, rank = 4096, 16
+    lines = [f"### decode shapes: hidden {hidden}, rank {rank}, one projection, {dtype}",
+             "", "| adapters | batch | op us | op GB/s | % of copy | torch bmm us | per-adapter us "
+             "| torch bmm / op | per-adapter / op |", "|---|---|---|---|---|---|---|---|---|"]
+    for n in (1, 64):
+        for batch in BATCHES:
+            pb = Problem(hidden, [rank] * n, batch, dtype)
+            op, bmm, loop = pb.ms(add_lora_cpu), pb.ms(add_lora_grouped), pb.ms(per_adapter_loop, reps=2)
+            gbs = pb.bytes / op / 1e6
+            lines.append(f"| {n} | {batch} | {op * 1e3:.0f} | {gbs:.1f} | {100 * gbs / copy_gbs:.0f}% | "
+                         f"{bmm * 1e3:.0f} | {loop * 1e3:.0f} | {bmm / op:.2f} | {loop / op:.2f} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def bench_rank_mix(dtype) -> str:
+    hidden, n, low, high = 4096, 32, 8, 128
+    lines = [f"### rank-aware cost: hidden {hidden}, {n} adapters, ranks {low} and {high}, {dtype}",
+             "", f"| path | batch | all {low} us | all {high} us | mixed us | mean of all-{low} and all-{high} "
+             f"| mixed / mean | mixed / all {high} |", "|---|---|---|---|---|---|---|---|"]
+    for name, impl in (("op", add_lora_cpu), ("torch bmm", add_lora_grouped)):
+        for batch in (n, 4 * n):
+            t = {key: Problem(hidden, ranks, batch, dtype).ms(impl) for key, ranks in
+                 (("low", [low] * n), ("high", [high] * n), ("mixed", [low, high] * (n // 2)))}
+            mean = (t["low"] + t["high"]) / 2
+            lines.append(f"| {name} | {batch} | {t['low'] * 1e3:.0f} | {t['high'] * 1e3:.0f} | "
+                         f"{t['mixed'] * 1e3:.0f} | {mean * 1e3:.0f} | {t['mixed'] / mean:.2f} | "
+                         f"{t['mixed'] / t['high']:.2f} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated torch dtypes")
+    parser.add_argument("--only", choices=["decode", "ranks"], help="run one section")
+    parser.add_argument("--write", action="store_true", help="replace this script's section of RESULTS.md")
+    args = parser.parse_args(argv)
+
+    warm_up_cpu_lora()
+    torch.manual_seed(0)
+    copy_gbs = copy_bandwidth()
+    head = (f"## CPU LoRA op vs the roofline and the torch formulations (benchmarks/lora_cpu.py)\n\n"
+            f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}; measured copy bandwidth "
+            f"{copy_gbs:.1f} GB/s (read + write). The op mostly reads, so it can pass 100% of it.\n"
+            f"Command: `python benchmarks/lora_cpu.py {' '.join(sys.argv[1:])}`")
+    print(head, flush=True)
+    sections = [head]
+    with torch.inference_mode():
+        for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
+            if args.only in (None, "decode"):
+                sections.append(bench_decode(dtype, copy_gbs))
+            if args.only in (None, "ranks"):
+                sections.append(bench_rank_mix(dtype))
+    if args.write:
+        write_section(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
+                      "lora_cpu.py", "\n\n".join(sections))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
