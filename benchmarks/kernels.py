@@ -88,10 +88,14 @@ def copy_bandwidth(timer: Timer, device: str) -> float:
 
 
 def lora_weights(num_slots: int, in_features: int, outs: list[int], rank: int, dtype, device):
+    """Random slot buffers allocated as the model does (kernels/sgmv.py layout)."""
     import torch
 
-    A = torch.randn(num_slots, in_features, rank, len(outs), dtype=dtype, device=device) / in_features ** 0.5
-    Bs = [torch.randn(num_slots, rank, o, dtype=dtype, device=device) / rank ** 0.5 for o in outs]
+    from loraserve.kernels.sgmv import capacity_rank
+
+    r = capacity_rank(rank)
+    A = torch.randn(num_slots, in_features, r, len(outs), dtype=dtype, device=device) / in_features ** 0.5
+    Bs = [torch.randn(num_slots, r, o, dtype=dtype, device=device) / r ** 0.5 for o in outs]
     return A, Bs
 
 

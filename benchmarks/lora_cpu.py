@@ -3,6 +3,7 @@ against the formulations it replaces; the CPU counterpart of benchmarks/kernels.
 
     python benchmarks/lora_cpu.py            # bf16 and fp32, prints the tables
     python benchmarks/lora_cpu.py --write    # and puts them in benchmarks/RESULTS.md
+    python benchmarks/lora_cpu.py --smoke    # tiny shapes: checks that the script runs
 
 1. copy bandwidth of this machine (torch copy_ of 512 MiB, all threads): the roofline
 2. decode shapes (hidden 4096, rank 16, one projection, batch 1..256, 1 and 64 distinct
@@ -24,6 +25,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -34,13 +36,27 @@ from results_md import write_section  # noqa: E402
 from loraserve.kernels import add_lora_cpu, add_lora_grouped, build_lora_meta, warm_up_cpu_lora  # noqa: E402
 from loraserve.kernels.sgmv import slot_a  # noqa: E402
 
-LLC_BYTES = 32 << 20      # this machine's L3 (lscpu); weight copies overflow twice that
 MAX_ALLOC_BYTES = 4 << 30
-BATCHES = (1, 4, 16, 64, 256)
 
 
-def copy_bandwidth() -> float:
-    src = torch.empty(512 << 20, dtype=torch.uint8)
+@dataclass
+class Sizes:
+    hidden: int = 4096
+    rank: int = 16
+    batches: tuple = (1, 4, 16, 64, 256)
+    adapter_counts: tuple = (1, 64)
+    mix_adapters: int = 32
+    mix_ranks: tuple = (8, 128)
+    llc_bytes: int = 32 << 20      # this machine's L3 (lscpu); weight copies overflow twice that
+    copy_bytes: int = 512 << 20
+
+
+SMOKE = Sizes(hidden=256, batches=(1, 4), adapter_counts=(1, 4), mix_adapters=4, mix_ranks=(8, 32),
+              llc_bytes=0, copy_bytes=8 << 20)
+
+
+def copy_bandwidth(sizes: Sizes) -> float:
+    src = torch.empty(sizes.copy_bytes, dtype=torch.uint8)
     dst = torch.empty_like(src)
     dst.copy_(src)
     return 2 * src.numel() / best_ms(lambda: dst.copy_(src), reps=5) / 1e6
@@ -76,13 +92,13 @@ class Problem:
     t % n), weights in slot buffers at the largest rank, copied until the bytes one add
     reads, over all copies, are twice the LLC."""
 
-    def __init__(self, hidden: int, ranks: list[int], batch: int, dtype):
+    def __init__(self, hidden: int, ranks: list[int], batch: int, dtype, llc_bytes: int):
         n, r_max = len(ranks), max(ranks)
         slots = [t % n for t in range(batch)]
         used = sum(ranks[s] for s in set(slots))
         self.bytes = (used * 2 * hidden + 3 * batch * hidden) * dtype.itemsize
         copy_bytes = n * 2 * hidden * r_max * dtype.itemsize
-        self.copies = max(1, min(-(-2 * LLC_BYTES // self.bytes), MAX_ALLOC_BYTES // copy_bytes))
+        self.copies = max(1, min(-(-2 * llc_bytes // self.bytes), MAX_ALLOC_BYTES // copy_bytes))
         self.weights = [(torch.randn(n, hidden, r_max, 1, dtype=dtype) / hidden ** 0.5,
                          [torch.randn(n, r_max, hidden, dtype=dtype) / r_max ** 0.5])
                         for _ in range(self.copies)]
@@ -99,14 +115,15 @@ class Problem:
         return best_ms(run, reps) / self.copies
 
 
-def bench_decode(dtype, copy_gbs: float) -> str:
-    hidden, rank = 4096, 16
+def bench_decode(sizes: Sizes, dtype, copy_gbs: float) -> str:
+    hidden, rank = sizes.hidden, sizes.rank
     lines = [f"### decode shapes: hidden {hidden}, rank {rank}, one projection, {dtype}",
              "", "| adapters | batch | op us | op GB/s | % of copy | torch bmm us | per-adapter us "
              "| torch bmm / op | per-adapter / op |", "|---|---|---|---|---|---|---|---|---|"]
-    for n in (1, 64):
-        for batch in BATCHES:
-            pb = Problem(hidden, [rank] * n, batch, dtype)
+    print("\n" + "\n".join(lines), flush=True)
+    for n in sizes.adapter_counts:
+        for batch in sizes.batches:
+            pb = Problem(hidden, [rank] * n, batch, dtype, sizes.llc_bytes)
             op, bmm, loop = pb.ms(add_lora_cpu), pb.ms(add_lora_grouped), pb.ms(per_adapter_loop, reps=2)
             gbs = pb.bytes / op / 1e6
             lines.append(f"| {n} | {batch} | {op * 1e3:.0f} | {gbs:.1f} | {100 * gbs / copy_gbs:.0f}% | "
@@ -115,14 +132,15 @@ def bench_decode(dtype, copy_gbs: float) -> str:
     return "\n".join(lines)
 
 
-def bench_rank_mix(dtype) -> str:
-    hidden, n, low, high = 4096, 32, 8, 128
+def bench_rank_mix(sizes: Sizes, dtype) -> str:
+    hidden, n, (low, high) = sizes.hidden, sizes.mix_adapters, sizes.mix_ranks
     lines = [f"### rank-aware cost: hidden {hidden}, {n} adapters, ranks {low} and {high}, {dtype}",
              "", f"| path | batch | all {low} us | all {high} us | mixed us | mean of all-{low} and all-{high} "
              f"| mixed / mean | mixed / all {high} |", "|---|---|---|---|---|---|---|---|"]
+    print("\n" + "\n".join(lines), flush=True)
     for name, impl in (("op", add_lora_cpu), ("torch bmm", add_lora_grouped)):
         for batch in (n, 4 * n):
-            t = {key: Problem(hidden, ranks, batch, dtype).ms(impl) for key, ranks in
+            t = {key: Problem(hidden, ranks, batch, dtype, sizes.llc_bytes).ms(impl) for key, ranks in
                  (("low", [low] * n), ("high", [high] * n), ("mixed", [low, high] * (n // 2)))}
             mean = (t["low"] + t["high"]) / 2
             lines.append(f"| {name} | {batch} | {t['low'] * 1e3:.0f} | {t['high'] * 1e3:.0f} | "
@@ -137,11 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated torch dtypes")
     parser.add_argument("--only", choices=["decode", "ranks"], help="run one section")
     parser.add_argument("--write", action="store_true", help="replace this script's section of RESULTS.md")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check that the script runs")
     args = parser.parse_args(argv)
+    sizes = SMOKE if args.smoke else Sizes()
 
     warm_up_cpu_lora()
     torch.manual_seed(0)
-    copy_gbs = copy_bandwidth()
+    copy_gbs = copy_bandwidth(sizes)
     head = (f"## CPU LoRA op vs the roofline and the torch formulations (benchmarks/lora_cpu.py)\n\n"
             f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {os.cpu_count()} cores, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}; measured copy bandwidth "
@@ -152,10 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
             if args.only in (None, "decode"):
-                sections.append(bench_decode(dtype, copy_gbs))
+                sections.append(bench_decode(sizes, dtype, copy_gbs))
             if args.only in (None, "ranks"):
-                sections.append(bench_rank_mix(dtype))
-    if args.write:
+                sections.append(bench_rank_mix(sizes, dtype))
+    if args.write and not args.smoke:
         write_section(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
                       "lora_cpu.py", "\n\n".join(sections))
     return 0
