@@ -23,7 +23,8 @@ length, once per rank in the step), and the Triton kernels beside them (the CUDA
 over blocks of tokens that share a slot, and `bgmv_shrink` + `bgmv_expand`, one token per
 program (Punica's decode-shaped variant). Between shrink and expand the LoRA activations
 live in `v [T, r_max * n_proj]` fp32, in A's interleaved column order:
-v[t, j * n_proj + p] = x[t] @ a_s[:, j * n_proj + p].
+v[t, j * n_proj + p] = x[t] @ a_s[:, j * n_proj + p]; inside add_lora_sgmv/bgmv as the
+shrink's split-K partials [split_k, T, r_max * n_proj], which the expand sums.
 """
 
 from __future__ import annotations
@@ -143,11 +144,12 @@ def _rank_groups(meta: LoRAMeta) -> list[LoRAMeta]:
 def _sgmv_shrink_kernel(
     x_ptr, a_ptr, v_ptr,
     sorted_idx_ptr, block_slots_ptr, block_ranks_ptr, block_starts_ptr, block_ends_ptr,
-    in_features, stride_xt, stride_al, stride_vt,
+    in_features, stride_xt, stride_al, stride_vs, stride_vt,
     N_PROJ: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Semantics: v[t, :rank*n_proj] = x[t] @ slot_a(A, slot[t], rank).
+    """Semantics: v[t, :rank*n_proj] = x[t] @ slot_a(A, slot[t], rank), as split-K partial
+    sums v[split, t] (summed by the expand: no zeroed buffer, no atomics).
     Grid (block, column block, split-K); x rows are gathered through sorted_token_idx.
     A block's slot, rank and token range are read in one go (no chain of dependent loads
     before the weights stream: decode programs are short). A's tile is loaded whole packed
@@ -176,21 +178,19 @@ def _sgmv_shrink_kernel(
         xt = tl.load(x_rows + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         at = tl.load(a_cols + offs_k[:, None] * width, mask=k_mask[:, None] & a_mask[None, :], other=0.0)
         acc += tl.dot(xt.to(DOT_DTYPE), at.to(DOT_DTYPE), input_precision=PRECISION)
-    v_ptrs = v_ptr + tok[:, None] * stride_vt + offs_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(v_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
-    else:
-        tl.atomic_add(v_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
+    v_ptrs = v_ptr + tl.program_id(2) * stride_vs + tok[:, None] * stride_vt + offs_n[None, :]
+    tl.store(v_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
 def _sgmv_expand_kernel(
     y_ptr, v_ptr, b0_ptr, b1_ptr, b2_ptr, proj_ptr,
     sorted_idx_ptr, block_slots_ptr, block_ranks_ptr, block_starts_ptr, block_ends_ptr,
-    stride_yt, stride_vt,
-    N_PROJ: tl.constexpr, VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    stride_yt, stride_vs, stride_vt,
+    N_PROJ: tl.constexpr, VEC: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Semantics: y[t, off_p + n] += v[t, p::n_proj][:rank] @ B_p[slot[t], :rank, n].
+    """Semantics: y[t, off_p + n] += v[t, p::n_proj][:rank] @ B_p[slot[t], :rank, n], with
+    v the sum of the shrink's SPLIT_K partials.
     Grid (block, projection, column block); proj_ptr [n_proj, 4] int64 holds
     (column offset, out_p, B_p stride 0, B_p stride 1) per projection, all multiples of
     VEC (the launcher checks): values read from memory carry no alignment of their own,
@@ -223,7 +223,10 @@ def _sgmv_expand_kernel(
     for k0 in range(0, rank, BLOCK_K):                              # the slot's rank, not r_max
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < rank
-        vt = tl.load(v_rows + offs_k[None, :] * N_PROJ, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        vt = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for split in tl.static_range(SPLIT_K):
+            vt += tl.load(v_rows + split * stride_vs + offs_k[None, :] * N_PROJ,
+                          mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         bt = tl.load(b_slot + offs_k[:, None] * stride_br + offs_n[None, :],
                      mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc += tl.dot(vt.to(DOT_DTYPE), bt.to(DOT_DTYPE), input_precision=PRECISION)
@@ -234,7 +237,7 @@ def _sgmv_expand_kernel(
 
 def _bgmv_shrink_kernel(
     x_ptr, a_ptr, v_ptr, token_slots_ptr, slot_ranks_ptr,
-    in_features, stride_xt, stride_al, stride_vt,
+    in_features, stride_xt, stride_al, stride_vs, stride_vt,
     N_PROJ: tl.constexpr, ROW_ALIGN: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     SPLIT_K: tl.constexpr,
 ):
@@ -259,17 +262,15 @@ def _bgmv_shrink_kernel(
         xt = tl.load(x_ptr + t.to(tl.int64) * stride_xt + offs_k, mask=k_mask, other=0.0)
         at = tl.load(a_cols + offs_k[:, None] * width, mask=k_mask[:, None] & a_mask[None, :], other=0.0)
         acc += tl.sum(xt.to(tl.float32)[:, None] * at.to(tl.float32), axis=0)
-    v_ptrs = v_ptr + t.to(tl.int64) * stride_vt + offs_n
-    if SPLIT_K == 1:
-        tl.store(v_ptrs, acc, mask=n_mask)
-    else:
-        tl.atomic_add(v_ptrs, acc, mask=n_mask)
+    v_ptrs = v_ptr + tl.program_id(2) * stride_vs + t.to(tl.int64) * stride_vt + offs_n
+    tl.store(v_ptrs, acc, mask=n_mask)
 
 
 def _bgmv_expand_kernel(
     y_ptr, v_ptr, b0_ptr, b1_ptr, b2_ptr, proj_ptr, token_slots_ptr, slot_ranks_ptr,
-    stride_yt, stride_vt,
-    N_PROJ: tl.constexpr, VEC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_yt, stride_vs, stride_vt,
+    N_PROJ: tl.constexpr, VEC: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Semantics: as _sgmv_expand_kernel, one token per program. Grid (token, projection,
     column block)."""
@@ -296,7 +297,10 @@ def _bgmv_expand_kernel(
     for k0 in range(0, rank, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < rank
-        vt = tl.load(v_ptr + t.to(tl.int64) * stride_vt + offs_k * N_PROJ + p, mask=k_mask, other=0.0)
+        vt = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for split in tl.static_range(SPLIT_K):
+            vt += tl.load(v_ptr + split * stride_vs + t.to(tl.int64) * stride_vt + offs_k * N_PROJ + p,
+                          mask=k_mask, other=0.0)
         bt = tl.load(b_cols + offs_k[:, None] * stride_br, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc += tl.sum(vt[:, None] * bt.to(tl.float32), axis=0)
     y_ptrs = y_ptr + t.to(tl.int64) * stride_yt + tl.multiple_of(tl.load(proj_ptr + p * 4), VEC) + offs_n
@@ -350,9 +354,9 @@ def _proj_table(y: torch.Tensor, v: torch.Tensor, Bs: list[torch.Tensor],
     n_proj = len(Bs)
     assert 1 <= n_proj <= 3 and len(out_slices) == n_proj, "1 to 3 fused projections"
     assert y.dim() == 2 and y.stride(1) == 1 and y.shape[0] == meta.num_tokens, "y [T, N], rows contiguous"
-    assert v.dtype == torch.float32 and v.is_contiguous() and v.shape[0] == y.shape[0]
+    assert v.dtype == torch.float32 and v.is_contiguous() and v.dim() == 3 and v.shape[1] == y.shape[0]
     assert y.device == v.device == meta.token_slots.device
-    r_max = v.shape[1] // n_proj
+    r_max = v.shape[2] // n_proj
     for B, (off, size) in zip(Bs, out_slices):
         assert B.is_contiguous() and B.dtype == Bs[0].dtype and B.device == y.device
         assert B.shape == (meta.max_loras, r_max, size), (B.shape, meta.max_loras, r_max, size)
@@ -372,21 +376,28 @@ def sgmv_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta) -> torch.Tenso
     """Semantics: v[t, :rank * n_proj] = x[t] @ slot_a(A, slot[t], rank[slot[t]]).
     x [T, in], A [max_loras, in, r_max, n_proj] packed; returns v [T, r_max * n_proj]
     fp32 (zero outside each token's rank columns and on slot -1 rows)."""
+    return _sum_splits(_sgmv_shrink_splits(x, A, meta, torch.zeros))
+
+
+def _sgmv_shrink_splits(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta, alloc=torch.empty) -> torch.Tensor:
+    """The shrink's split-K partials v [split_k, T, r_max * n_proj], allocated by `alloc`:
+    uninitialized for the expand, which reads only what the shrink wrote (a decode step
+    then has no memset per LoRA layer)."""
     _check_lora_args(x, A, meta)
     _, in_features, r_max, n_proj = A.shape
-    v = torch.zeros(x.shape[0], r_max * n_proj, dtype=torch.float32, device=x.device)
     num_blocks = meta.block_slots.numel()
     if not meta.has_lora or num_blocks == 0:
-        return v                                     # no adapter in the step: no launch
+        return alloc(1, x.shape[0], r_max * n_proj, dtype=torch.float32, device=x.device)   # no launch
     interpret = triton.knobs.runtime.interpret
     block_n = min(64, max(16, triton.next_power_of_2(r_max * n_proj)))
     block_k = 256 if interpret else GPU_LAUNCH.shrink_block_k
     grid_n = triton.cdiv(r_max * n_proj, block_n)
     split_k = _split_k(num_blocks * grid_n, in_features, block_k, GPU_LAUNCH.shrink_min_programs)
+    v = alloc(split_k, x.shape[0], r_max * n_proj, dtype=torch.float32, device=x.device)
     kernel(_sgmv_shrink_kernel)[(num_blocks, grid_n, split_k)](
         x, A, v,
         meta.sorted_token_idx, meta.block_slots, meta.block_ranks, meta.block_starts, meta.block_ends,
-        in_features, x.stride(0), A.stride(0), v.stride(0),
+        in_features, x.stride(0), A.stride(0), v.stride(0), v.stride(1),
         N_PROJ=n_proj, ROW_ALIGN=ROW_ALIGN, BLOCK_M=SGMV_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
         SPLIT_K=split_k, DOT_DTYPE=dot_dtype(x.dtype), PRECISION="ieee",
         num_warps=GPU_LAUNCH.shrink_warps, num_stages=GPU_LAUNCH.shrink_stages,
@@ -394,11 +405,21 @@ def sgmv_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta) -> torch.Tenso
     return v
 
 
+def _sum_splits(v: torch.Tensor) -> torch.Tensor:
+    return v[0] if v.shape[0] == 1 else v.sum(0)
+
+
+def _as_splits(v: torch.Tensor) -> torch.Tensor:
+    """An expand's v: [T, W] as one split, or the shrink's [split_k, T, W] partials."""
+    return v.unsqueeze(0) if v.dim() == 2 else v
+
+
 def sgmv_expand(y: torch.Tensor, v: torch.Tensor, Bs: list[torch.Tensor],
                 out_slices: list[tuple[int, int]], meta: LoRAMeta) -> torch.Tensor:
     """Semantics: y[t, off_p : off_p + out_p] += v[t, p::n_proj][:rank] @ Bs[p][slot[t], :rank].
-    v [T, r_max * n_proj] fp32 from sgmv_shrink; y may be a column slice of a wider output.
-    Returns y, updated in place."""
+    v [T, r_max * n_proj] fp32 from sgmv_shrink, or [split_k, T, r_max * n_proj] partials
+    that it sums; y may be a column slice of a wider output. Returns y, updated in place."""
+    v = _as_splits(v)
     proj, vec = _proj_table(y, v, Bs, out_slices, meta)
     num_blocks = meta.block_slots.numel()
     if not meta.has_lora or num_blocks == 0:
@@ -411,29 +432,35 @@ def sgmv_expand(y: torch.Tensor, v: torch.Tensor, Bs: list[torch.Tensor],
     kernel(_sgmv_expand_kernel)[(num_blocks, n_proj, triton.cdiv(max_out, block_n))](
         y, v, b[0], b[1], b[2], proj,
         meta.sorted_token_idx, meta.block_slots, meta.block_ranks, meta.block_starts, meta.block_ends,
-        y.stride(0), v.stride(0),
-        N_PROJ=n_proj, VEC=vec, BLOCK_M=SGMV_BLOCK_M, BLOCK_N=block_n, BLOCK_K=64 if interpret else 16,
-        DOT_DTYPE=dot_dtype(Bs[0].dtype), PRECISION="ieee", num_warps=GPU_LAUNCH.expand_warps,
+        y.stride(0), v.stride(0), v.stride(1),
+        N_PROJ=n_proj, VEC=vec, SPLIT_K=v.shape[0], BLOCK_M=SGMV_BLOCK_M, BLOCK_N=block_n,
+        BLOCK_K=64 if interpret else 16, DOT_DTYPE=dot_dtype(Bs[0].dtype), PRECISION="ieee",
+        num_warps=GPU_LAUNCH.expand_warps,
     )
     return y
 
 
 def bgmv_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta) -> torch.Tensor:
     """Semantics: as sgmv_shrink, one token per program (decode-shaped batches)."""
+    return _sum_splits(_bgmv_shrink_splits(x, A, meta, torch.zeros))
+
+
+def _bgmv_shrink_splits(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta, alloc=torch.empty) -> torch.Tensor:
+    """As _sgmv_shrink_splits, one token per program."""
     _check_lora_args(x, A, meta)
     _, in_features, r_max, n_proj = A.shape
     T = x.shape[0]
-    v = torch.zeros(T, r_max * n_proj, dtype=torch.float32, device=x.device)
     if not meta.has_lora:
-        return v
+        return alloc(1, T, r_max * n_proj, dtype=torch.float32, device=x.device)
     interpret = triton.knobs.runtime.interpret
     block_n = min(64, max(16, triton.next_power_of_2(r_max * n_proj)))
     block_k = 256 if interpret else 64
     grid_n = triton.cdiv(r_max * n_proj, block_n)
     split_k = _split_k(T * grid_n, in_features, block_k, GPU_LAUNCH.shrink_min_programs)
+    v = alloc(split_k, T, r_max * n_proj, dtype=torch.float32, device=x.device)
     kernel(_bgmv_shrink_kernel)[(T, grid_n, split_k)](
         x, A, v, meta.token_slots, meta.slot_ranks,
-        in_features, x.stride(0), A.stride(0), v.stride(0),
+        in_features, x.stride(0), A.stride(0), v.stride(0), v.stride(1),
         N_PROJ=n_proj, ROW_ALIGN=ROW_ALIGN, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k,
     )
     return v
@@ -442,6 +469,7 @@ def bgmv_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta) -> torch.Tenso
 def bgmv_expand(y: torch.Tensor, v: torch.Tensor, Bs: list[torch.Tensor],
                 out_slices: list[tuple[int, int]], meta: LoRAMeta) -> torch.Tensor:
     """Semantics: as sgmv_expand, one token per program. Returns y, updated in place."""
+    v = _as_splits(v)
     proj, vec = _proj_table(y, v, Bs, out_slices, meta)
     if not meta.has_lora:
         return y
@@ -452,8 +480,8 @@ def bgmv_expand(y: torch.Tensor, v: torch.Tensor, Bs: list[torch.Tensor],
     b = list(Bs) + [Bs[0]] * (3 - n_proj)
     kernel(_bgmv_expand_kernel)[(y.shape[0], n_proj, triton.cdiv(max_out, block_n))](
         y, v, b[0], b[1], b[2], proj, meta.token_slots, meta.slot_ranks,
-        y.stride(0), v.stride(0),
-        N_PROJ=n_proj, VEC=vec, BLOCK_N=block_n, BLOCK_K=16,
+        y.stride(0), v.stride(0), v.stride(1),
+        N_PROJ=n_proj, VEC=vec, SPLIT_K=v.shape[0], BLOCK_N=block_n, BLOCK_K=16,
     )
     return y
 
@@ -478,7 +506,7 @@ def add_lora_sgmv(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[to
     """y += LoRA delta as one SGMV shrink and one SGMV expand launch."""
     if not meta.has_lora:
         return y                                   # no adapter in the step: nothing launched
-    return sgmv_expand(y, sgmv_shrink(x, A, meta), Bs, out_slices, meta)
+    return sgmv_expand(y, _sgmv_shrink_splits(x, A, meta), Bs, out_slices, meta)
 
 
 def add_lora_bgmv(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
@@ -486,4 +514,4 @@ def add_lora_bgmv(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[to
     """The same as add_lora_sgmv with the one-token-per-program kernels (decode shapes)."""
     if not meta.has_lora:
         return y
-    return bgmv_expand(y, bgmv_shrink(x, A, meta), Bs, out_slices, meta)
+    return bgmv_expand(y, _bgmv_shrink_splits(x, A, meta), Bs, out_slices, meta)

@@ -80,19 +80,20 @@ def compile_all(arch: int, dtypes: list[str]) -> None:
                     N_PROJ=n_proj, ROW_ALIGN=sgmv.ROW_ALIGN, BLOCK_M=SGMV_BLOCK_M, BLOCK_N=block_n,
                     BLOCK_K=launch.shrink_block_k, SPLIT_K=split_k, DOT_DTYPE=tl_dtype[dt], PRECISION="ieee")),
                 "sgmv_expand": build(sgmv._sgmv_expand_kernel, lora, dict(
-                    N_PROJ=n_proj, VEC=8, BLOCK_M=SGMV_BLOCK_M, BLOCK_N=launch.expand_block_n, BLOCK_K=16,
-                    DOT_DTYPE=tl_dtype[dt], PRECISION="ieee")),
+                    N_PROJ=n_proj, VEC=8, SPLIT_K=split_k, BLOCK_M=SGMV_BLOCK_M, BLOCK_N=launch.expand_block_n,
+                    BLOCK_K=16, DOT_DTYPE=tl_dtype[dt], PRECISION="ieee")),
                 "bgmv_shrink": build(sgmv._bgmv_shrink_kernel, lora, dict(
                     N_PROJ=n_proj, ROW_ALIGN=sgmv.ROW_ALIGN, BLOCK_N=block_n, BLOCK_K=64, SPLIT_K=split_k)),
-                "bgmv_expand": build(sgmv._bgmv_expand_kernel, lora, dict(N_PROJ=n_proj, VEC=8, BLOCK_N=128,
-                                                                           BLOCK_K=16)),
+                "bgmv_expand": build(sgmv._bgmv_expand_kernel, lora, dict(N_PROJ=n_proj, VEC=8, SPLIT_K=split_k,
+                                                                           BLOCK_N=128, BLOCK_K=16)),
             }
             if dt == "bf16" and n_proj == 1:
                 # SGMV: nothing scalar at all; BGMV: one scalar of x (shrink) or y (expand) per thread
                 for name, code in ptx.items():
                     weights_in_vectors(f"{name} (n_proj 1, split {split_k})", code, 0 if "sgmv" in name else 1)
-            build(sgmv._sgmv_expand_kernel, lora, dict(N_PROJ=n_proj, VEC=1, BLOCK_M=SGMV_BLOCK_M, BLOCK_N=256,
-                                                       BLOCK_K=16, DOT_DTYPE=tl_dtype[dt], PRECISION="ieee"))
+            build(sgmv._sgmv_expand_kernel, lora, dict(N_PROJ=n_proj, VEC=1, SPLIT_K=1, BLOCK_M=SGMV_BLOCK_M,
+                                                       BLOCK_N=256, BLOCK_K=16, DOT_DTYPE=tl_dtype[dt],
+                                                       PRECISION="ieee"))
         kv = {**act, "v_ptr": "*" + dt, "slot_ptr": "*i64", "block_tables_ptr": "*i64", "context_lens_ptr": "*i32",
               "scale_log2": "fp32"}
         build(pa._store_kv_kernel, kv, dict(NUM_KV_HEADS=8, HEAD_DIM=64, BLOCK=512))

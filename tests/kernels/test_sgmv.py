@@ -204,6 +204,25 @@ def test_no_adapter_step_launches_nothing(device, monkeypatch):
     assert torch.equal(fused, before)
 
 
+@pytest.mark.parametrize("impl", [add_lora_sgmv, add_lora_bgmv])
+def test_add_fills_no_buffer(impl, device, monkeypatch):
+    """The shrink's partials are summed by the expand, so an add allocates v uninitialized:
+    no memset per LoRA layer in a decode graph. hidden 4096 splits the reduction."""
+    case = dict(dtype=torch.float32, rank=16, hidden=4096, popularity="uniform", num_tokens=7, n_proj=1)
+    fused, x, A, Bs, out_slices, meta = make_problem(case, device)
+    y = fused[:, : out_slices[0][1]]
+    expected = add_lora_ref(y.float().cpu().clone(), x.cpu(), A.cpu(), [B.cpu() for B in Bs], out_slices,
+                            meta_to_cpu(meta))
+
+    def no_fill(*args, **kwargs):
+        raise AssertionError("the LoRA add zero-filled a buffer")
+    monkeypatch.setattr(torch, "zeros", no_fill)
+    monkeypatch.setattr(torch, "zeros_like", no_fill)
+    impl(y, x, A, Bs, out_slices, meta)
+    monkeypatch.undo()
+    torch.testing.assert_close(y.cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("num_tokens, expected", [(1, "bgmv"), (sgmv.BGMV_MAX_TOKENS, "bgmv"),
                                                   (sgmv.BGMV_MAX_TOKENS + 1, "sgmv")])
 def test_small_steps_take_bgmv(num_tokens, expected, device, monkeypatch):
