@@ -124,7 +124,8 @@ class LoRAProblem:
         """Every slot at `rank`, or at ranks[slot] in buffers sized to the largest."""
         import torch
 
-        from loraserve.kernels import build_lora_meta, sgmv_shrink
+        from loraserve.kernels import build_lora_meta
+        from loraserve.kernels.sgmv import sgmv_shrink_splits
 
         ranks = ranks or [rank] * num_adapters
         slots = [t % num_adapters for t in range(batch)]
@@ -136,7 +137,7 @@ class LoRAProblem:
         self.meta = build_lora_meta(slots, ranks, device=device, dtype=dtype)
         self.x = torch.randn(batch, hidden_in, dtype=dtype, device=device)
         self.y = torch.zeros(batch, sum(outs), dtype=dtype, device=device)
-        self.v = sgmv_shrink(self.x, self.weights[0][0], self.meta)
+        self.v = sgmv_shrink_splits(self.x, self.weights[0][0], self.meta)   # the add's split-K partials
         self.shrink_bytes = self.x.numel() * 2 + used_ranks * hidden_in * len(outs) * 2 + self.v.numel() * 4
         self.expand_bytes = self.v.numel() * 4 + used_ranks * sum(outs) * 2 + 2 * self.y.numel() * 2
 
@@ -153,8 +154,8 @@ class LoRAProblem:
 def bench_lora(shapes: Shapes, timer: Timer, device: str, copy_gbs: float) -> None:
     import torch
 
-    from loraserve.kernels import (add_lora_bgmv, add_lora_grouped, add_lora_sgmv, bgmv_expand, bgmv_shrink,
-                                   sgmv_expand, sgmv_shrink)
+    from loraserve.kernels import add_lora_bgmv, add_lora_grouped, add_lora_sgmv, bgmv_expand, sgmv_expand
+    from loraserve.kernels.sgmv import bgmv_shrink_splits, sgmv_shrink_splits
 
     dtype = torch.bfloat16
     h, r = shapes.hidden, shapes.rank
@@ -168,9 +169,9 @@ def bench_lora(shapes: Shapes, timer: Timer, device: str, copy_gbs: float) -> No
 
             def gbs(ms, nbytes):
                 return f"{nbytes / ms / 1e6:8.0f} {100 * nbytes / ms / 1e6 / copy_gbs:7.1f}%"
-            row = [gbs(per_call(timer, pb.shrink(sgmv_shrink), pb.copies), pb.shrink_bytes),
+            row = [gbs(per_call(timer, pb.shrink(sgmv_shrink_splits), pb.copies), pb.shrink_bytes),
                    gbs(per_call(timer, pb.expand(sgmv_expand), pb.copies), pb.expand_bytes),
-                   gbs(per_call(timer, pb.shrink(bgmv_shrink), pb.copies), pb.shrink_bytes),
+                   gbs(per_call(timer, pb.shrink(bgmv_shrink_splits), pb.copies), pb.shrink_bytes),
                    gbs(per_call(timer, pb.expand(bgmv_expand), pb.copies), pb.expand_bytes)]
             t_triton = per_call(timer, pb.add(add_lora_sgmv), pb.copies)
             t_bgmv = per_call(timer, pb.add(add_lora_bgmv), pb.copies)
@@ -217,13 +218,14 @@ def tune(timer: Timer, device: str) -> None:
 
     import torch
 
-    from loraserve.kernels import sgmv, sgmv_expand, sgmv_shrink
+    from loraserve.kernels import sgmv, sgmv_expand
+    from loraserve.kernels.sgmv import sgmv_shrink_splits
 
     problems = [LoRAProblem(timer, device, i, outs, 16, n, b, torch.bfloat16) for i, outs, n, b in TUNE_SHAPES]
     default = dataclasses.replace(sgmv.GPU_LAUNCH)
     best = {}
     sweeps = {
-        "shrink": (sgmv_shrink, dict(shrink_block_k=[64, 128, 256], shrink_min_programs=[256, 512, 1024],
+        "shrink": (sgmv_shrink_splits, dict(shrink_block_k=[64, 128, 256], shrink_min_programs=[256, 512, 1024],
                                      shrink_warps=[2, 4], shrink_stages=[2, 4])),
         "expand": (sgmv_expand, dict(expand_block_n=[64, 128, 256, 512], expand_warps=[2, 4])),
     }

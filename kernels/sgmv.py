@@ -376,10 +376,10 @@ def sgmv_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta) -> torch.Tenso
     """Semantics: v[t, :rank * n_proj] = x[t] @ slot_a(A, slot[t], rank[slot[t]]).
     x [T, in], A [max_loras, in, r_max, n_proj] packed; returns v [T, r_max * n_proj]
     fp32 (zero outside each token's rank columns and on slot -1 rows)."""
-    return _sum_splits(_sgmv_shrink_splits(x, A, meta, torch.zeros))
+    return _sum_splits(sgmv_shrink_splits(x, A, meta, torch.zeros))
 
 
-def _sgmv_shrink_splits(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta, alloc=torch.empty) -> torch.Tensor:
+def sgmv_shrink_splits(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta, alloc=torch.empty) -> torch.Tensor:
     """The shrink's split-K partials v [split_k, T, r_max * n_proj], allocated by `alloc`:
     uninitialized for the expand, which reads only what the shrink wrote (a decode step
     then has no memset per LoRA layer)."""
@@ -442,11 +442,11 @@ def sgmv_expand(y: torch.Tensor, v: torch.Tensor, Bs: list[torch.Tensor],
 
 def bgmv_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta) -> torch.Tensor:
     """Semantics: as sgmv_shrink, one token per program (decode-shaped batches)."""
-    return _sum_splits(_bgmv_shrink_splits(x, A, meta, torch.zeros))
+    return _sum_splits(bgmv_shrink_splits(x, A, meta, torch.zeros))
 
 
-def _bgmv_shrink_splits(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta, alloc=torch.empty) -> torch.Tensor:
-    """As _sgmv_shrink_splits, one token per program."""
+def bgmv_shrink_splits(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta, alloc=torch.empty) -> torch.Tensor:
+    """As sgmv_shrink_splits, one token per program."""
     _check_lora_args(x, A, meta)
     _, in_features, r_max, n_proj = A.shape
     T = x.shape[0]
@@ -506,7 +506,7 @@ def add_lora_sgmv(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[to
     """y += LoRA delta as one SGMV shrink and one SGMV expand launch."""
     if not meta.has_lora:
         return y                                   # no adapter in the step: nothing launched
-    return sgmv_expand(y, _sgmv_shrink_splits(x, A, meta), Bs, out_slices, meta)
+    return sgmv_expand(y, sgmv_shrink_splits(x, A, meta), Bs, out_slices, meta)
 
 
 def add_lora_bgmv(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
@@ -514,4 +514,4 @@ def add_lora_bgmv(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[to
     """The same as add_lora_sgmv with the one-token-per-program kernels (decode shapes)."""
     if not meta.has_lora:
         return y
-    return bgmv_expand(y, _bgmv_shrink_splits(x, A, meta), Bs, out_slices, meta)
+    return bgmv_expand(y, bgmv_shrink_splits(x, A, meta), Bs, out_slices, meta)
