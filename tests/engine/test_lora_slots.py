@@ -1,0 +1,68 @@
+"""Device slots (loraserve/model/lora.py) hold adapters in the kernels' packed layout:
+what `LoRAGroup.write` stores, every LoRA implementation reads back as the adapter's
+own delta, scaling included, at any rank up to the buffers' (rounded-up) capacity, and
+reloading a slot with a smaller adapter leaves nothing of the larger one behind."""
+
+import pytest
+import torch
+
+from loraserve import kernels
+from loraserve.kernels import add_lora_cpu, add_lora_grouped, add_lora_triton, build_lora_meta
+from loraserve.model.lora import LoRAGroup
+
+HIDDEN, OUTS = 64, [64, 16, 16]          # a qkv-like group
+
+
+def peft_delta(x, lora_a, lora_b, scaling):
+    """What PEFT adds for one projection: x @ A^T @ B^T * scaling."""
+    return (x @ lora_a.T @ lora_b.T) * scaling
+
+
+def adapter(rank: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(rank, HIDDEN, generator=gen), torch.randn(out, rank, generator=gen)) for out in OUTS]
+
+
+def run(impl, group: LoRAGroup, x, slots, ranks):
+    y = torch.zeros(x.shape[0], sum(OUTS))
+    meta = build_lora_meta(slots, ranks)
+    if impl is add_lora_triton:
+        pytest.importorskip("triton")
+        with kernels.triton_on_cpu():
+            return impl(y, x, group.A, group.Bs, group.out_slices, meta)
+    return impl(y, x, group.A, group.Bs, group.out_slices, meta)
+
+
+@pytest.mark.parametrize("impl", [add_lora_cpu, add_lora_grouped, add_lora_triton],
+                         ids=["cpu_op", "torch", "triton"])
+def test_written_slots_read_back_as_peft_deltas(impl):
+    group = LoRAGroup.empty(HIDDEN, OUTS, max_loras=3, r_max=12, dtype=torch.float32, device="cpu")
+    assert group.A.shape == (3, HIDDEN, 16, 3), "capacity rounds r_max up to a multiple of 8"
+    weights = {0: (adapter(12, 0), 2.0), 2: (adapter(4, 1), 0.5)}
+    for slot, (pairs, scaling) in weights.items():
+        group.clear(slot)
+        for p, (lora_a, lora_b) in enumerate(pairs):
+            group.write(slot, p, lora_a, lora_b, scaling)
+    ranks = [12, 0, 4]
+    x = torch.randn(5, HIDDEN, generator=torch.Generator().manual_seed(2))
+    slots = [0, 2, -1, 0, 2]
+    out = run(impl, group, x, slots, ranks)
+    for t, s in enumerate(slots):
+        expected = torch.zeros(sum(OUTS))
+        if s >= 0:
+            pairs, scaling = weights[s]
+            expected = torch.cat([peft_delta(x[t], a, b, scaling) for a, b in pairs])
+        torch.testing.assert_close(out[t], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_reloading_a_slot_with_a_smaller_adapter():
+    group = LoRAGroup.empty(HIDDEN, OUTS, max_loras=1, r_max=16, dtype=torch.float32, device="cpu")
+    for rank, seed in ((16, 0), (4, 1)):
+        group.clear(0)
+        pairs = adapter(rank, seed)
+        for p, (lora_a, lora_b) in enumerate(pairs):
+            group.write(0, p, lora_a, lora_b, 1.0)
+    x = torch.randn(2, HIDDEN, generator=torch.Generator().manual_seed(3))
+    out = run(add_lora_grouped, group, x, [0, 0], [4])
+    expected = torch.cat([peft_delta(x, a, b, 1.0) for a, b in pairs], dim=1)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
