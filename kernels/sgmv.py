@@ -19,8 +19,8 @@ Weight layout, shared by every implementation:
 This file holds the torch implementations: `add_lora_ref` (a plain loop, the oracle of
 the tests) and `add_lora_grouped` (the CPU path's fallback beside the C++ op in
 sgmv_cpu.py: one batched matmul per shrink and per expand over padded rows of equal
-length, once per rank in the step), and the Triton kernels beside them (the CUDA path): `sgmv_shrink` + `sgmv_expand`
-over blocks of tokens that share a slot, and `bgmv_shrink` + `bgmv_expand`, one token per
+length, once per rank in the step), and the Triton kernels beside them (the CUDA
+path): `sgmv_shrink` + `sgmv_expand` over blocks of tokens that share a slot, and `bgmv_shrink` + `bgmv_expand`, one token per
 program (Punica's decode-shaped variant). Between shrink and expand the LoRA activations
 live in `v [T, r_max * n_proj]` fp32, in A's interleaved column order:
 v[t, j * n_proj + p] = x[t] @ a_s[:, j * n_proj + p]; inside add_lora_sgmv/bgmv as the
@@ -85,7 +85,7 @@ def add_lora_grouped(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list
     if not meta.has_lora:
         return y                                   # no adapter in the step: no work at all
     if not meta.uniform_rank:                      # one pass per rank, each at its own rank
-        for group in _rank_groups(meta):
+        for group in _rank_groups(meta, x.dtype):
             add_lora_grouped(y, x, A, Bs, out_slices, group)
         return y
     r = meta.max_rank
@@ -124,12 +124,11 @@ def _row_weights(w: torch.Tensor, meta: LoRAMeta) -> torch.Tensor:
     return w if meta.rows_are_all_slots else torch.stack([w[s] for s in meta.row_slots])
 
 
-def _rank_groups(meta: LoRAMeta) -> list[LoRAMeta]:
+def _rank_groups(meta: LoRAMeta, dtype: torch.dtype) -> list[LoRAMeta]:
     """The step split by rank, one meta per rank present (the other tokens at slot -1),
     built once per step and kept on the meta."""
     if meta.rank_groups is None:
         slots, ranks = meta.token_slots.tolist(), meta.slot_ranks.tolist()
-        dtype = meta.pad_mask.dtype if meta.pad_mask is not None else torch.float32
         meta.rank_groups = [
             build_lora_meta([s if s >= 0 and ranks[s] == r else -1 for s in slots], ranks,
                             meta.token_slots.device, dtype)
@@ -406,6 +405,7 @@ def sgmv_shrink_splits(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta, alloc=t
 
 
 def _sum_splits(v: torch.Tensor) -> torch.Tensor:
+    """The shrink's v from its split-K partials."""
     return v[0] if v.shape[0] == 1 else v.sum(0)
 
 

@@ -27,7 +27,7 @@ MODULE_TO_GROUP = {
 class LoRAGroup:
     """Slot buffers of one fused projection (e.g. q,k,v of one layer)."""
     A: torch.Tensor                    # [max_loras, in, r_cap, n_proj], slots packed: see kernels/sgmv.py
-    Bs: list[torch.Tensor]             # per projection [max_loras, r_max, out_p], scale folded in
+    Bs: list[torch.Tensor]             # per projection [max_loras, r_cap, out_p], scale folded in
     out_slices: list[tuple[int, int]]  # (column offset, width) of each projection in the fused output
 
     @classmethod

@@ -1,9 +1,9 @@
-"""The CPU production path of SGMV (`add_lora_grouped`) against the fp32 loop oracle.
+"""The torch fallback of the CPU LoRA path (`add_lora_grouped`) against the fp32 loop oracle.
 
-Every row is computed at the step's largest rank; with mixed ranks the smaller adapters
-are copied out zero-padded, so the slots' padding (NaN here) is never read. Token layouts cover the three paths of the function:
-rows that are x itself (tokens sorted by slot, equal segments), padded rows gathered
-from any order, and long segments split into several rows.
+A step runs once per rank present, each pass over strided views of the packed slots at
+that rank, so the slots' padding (NaN here) is never read. Token layouts cover the three
+paths of the function: rows that are x itself (tokens sorted by slot, equal segments),
+padded rows gathered from any order, and long segments split into several rows.
 """
 
 import random
