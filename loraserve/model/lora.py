@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraserve.kernels.sgmv import capacity_rank, slot_a
+from loraserve.kernels.sgmv import capacity_rank, row_width
 
 # PEFT module name -> (fused group, index of the projection inside the group)
 MODULE_TO_GROUP = {
@@ -21,6 +21,8 @@ MODULE_TO_GROUP = {
     "gate_proj": ("gate_up", 0), "up_proj": ("gate_up", 1),
     "down_proj": ("down", 0),
 }
+GROUP_MODULES = {"qkv": ["q_proj", "k_proj", "v_proj"], "o": ["o_proj"], "gate_up": ["gate_proj", "up_proj"],
+                 "down": ["down_proj"]}   # each group's projections in MODULE_TO_GROUP's order
 
 
 @dataclass
@@ -40,24 +42,28 @@ class LoRAGroup:
             out_slices=list(zip(offsets, outs)),
         )
 
-    def clear(self, slot: int) -> None:
-        self.A[slot].zero_()
-        for B in self.Bs:
-            B[slot].zero_()
-
-    def write(self, slot: int, p: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
-        """lora_a [r, in], lora_b [out, r] as PEFT stores them (one r for all modules)."""
-        r = lora_a.shape[0]
-        packed = slot_a(self.A, slot, r).view(self.A.shape[1], r, self.A.shape[3])
-        packed[:, :, p] = lora_a.t().to(self.A.dtype)
-        self.Bs[p][slot, :r] = (lora_b.t().float() * scaling).to(self.A.dtype)
+    def load(self, slot: int, rank: int, pairs: list[tuple[torch.Tensor, torch.Tensor] | None],
+             scaling: float) -> None:
+        """Write one adapter into `slot`: pairs[p] = (lora_a [rank, in], lora_b [out_p, rank])
+        as PEFT stores them, or None where the adapter does not target projection p (its
+        columns stay zero). A is packed on the host and copied in one piece, each B in one."""
+        in_features, n_proj = self.A.shape[1], self.A.shape[3]
+        width = row_width(rank, n_proj)
+        packed = torch.zeros(in_features, width, dtype=self.A.dtype)
+        ranks = packed[:, : rank * n_proj].view(in_features, rank, n_proj)
+        for p, pair in enumerate(pairs):
+            if pair is not None:
+                ranks[:, :, p] = pair[0].t()
+        self.A[slot].view(-1)[: in_features * width].copy_(packed.view(-1))
+        for B, pair in zip(self.Bs, pairs):
+            rows = torch.zeros(rank, B.shape[2]) if pair is None else pair[1].t().float() * scaling
+            B[slot, :rank].copy_(rows.to(B.dtype))
 
 
 def load_slot(groups: list[dict[str, LoRAGroup]], slot: int, adapter) -> None:
     """Copy an adapter (adapters.LoRAAdapter) into a slot of every layer's groups."""
-    for layer_groups in groups:
-        for group in layer_groups.values():
-            group.clear(slot)
-    for (layer, module), lora_a in adapter.lora_a.items():
-        group_name, p = MODULE_TO_GROUP[module]
-        groups[layer][group_name].write(slot, p, lora_a, adapter.lora_b[(layer, module)], adapter.scaling)
+    for layer, layer_groups in enumerate(groups):
+        for name, group in layer_groups.items():
+            pairs = [(adapter.lora_a[layer, m], adapter.lora_b[layer, m]) if (layer, m) in adapter.lora_a else None
+                     for m in GROUP_MODULES[name]]
+            group.load(slot, adapter.rank, pairs, adapter.scaling)
