@@ -37,6 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--num-requests", type=int, default=128, help="requests submitted at once")
     p.add_argument("--num-adapters", type=int, default=32, help="distinct adapters, assigned round-robin")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank of every adapter")
+    p.add_argument("--max-lora-rank", type=int, default=None,
+                   help="the engine's slot capacity (default: --rank); larger shows what smaller adapters pay")
     p.add_argument("--min-prompt", type=int, default=32, help="shortest prompt, tokens")
     p.add_argument("--max-prompt", type=int, default=96, help="longest prompt, tokens")
     p.add_argument("--gen-tokens", type=int, default=64, help="tokens generated per request")
@@ -61,7 +63,7 @@ def run_loraserve(dtype, prompts, adapter_dirs, plan, args) -> tuple[float, floa
     alternate for `--rounds` rounds and the best of each counts, so drift in the machine
     or the process hits both alike."""
     # prefix caching off: rounds repeat the same prompts, which must not hit cached blocks
-    llm = LLM(model=args.model_dir, dtype=dtype, max_loras=max(1, len(adapter_dirs)), max_lora_rank=args.rank,
+    llm = LLM(model=args.model_dir, dtype=dtype, max_loras=max(1, len(adapter_dirs)), max_lora_rank=args.max_lora_rank or args.rank,
               max_num_seqs=args.num_requests, enable_prefix_caching=False, enforce_eager=args.enforce_eager)
     for name, path in adapter_dirs.items():
         llm.add_adapter(name, path)
