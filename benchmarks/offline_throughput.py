@@ -54,7 +54,10 @@ def parse_args(argv=None):
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: decode without CUDA graphs")
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's op table for 3 decode steps, with and without adapters")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.max_lora_rank is not None and args.max_lora_rank < args.rank:
+        p.error(f"--max-lora-rank {args.max_lora_rank} is below --rank {args.rank}: the slots could not hold the adapters")
+    return args
 
 
 def run_loraserve(dtype, prompts, adapter_dirs, plan, args) -> tuple[float, float]:

@@ -50,7 +50,7 @@ def row_width(rank: int, n_proj: int) -> int:
 def capacity_rank(r_max: int) -> int:
     """The rank slot buffers are allocated at: r_max rounded up to ROW_ALIGN, so that
     every rank up to r_max packs into a slot."""
-    return -(-r_max // ROW_ALIGN) * ROW_ALIGN
+    return row_width(r_max, 1)
 
 
 def slot_a(A: torch.Tensor, slot: int, rank: int) -> torch.Tensor:
@@ -361,14 +361,14 @@ def _proj_table(y: torch.Tensor, v: torch.Tensor, Bs: list[torch.Tensor],
         assert B.shape == (meta.max_loras, r_max, size), (B.shape, meta.max_loras, r_max, size)
         assert 0 <= off and off + size <= y.shape[1], (off, size, y.shape)
     rows = tuple((off, size, B.stride(0), B.stride(1)) for B, (off, size) in zip(Bs, out_slices))
-    vec = 8 if all(value % 8 == 0 for row in rows for value in row) else 1
-    return _proj_tensor(rows, y.device), vec
+    return _proj_tensor(rows, y.device)
 
 
 @functools.lru_cache(maxsize=64)
-def _proj_tensor(rows: tuple, device: torch.device) -> torch.Tensor:
+def _proj_tensor(rows: tuple, device: torch.device) -> tuple[torch.Tensor, int]:
     """Cached: every layer of a model reuses a few tables, copied to the device once."""
-    return torch.tensor(rows, dtype=torch.int64, device=device)
+    vec = 8 if all(value % 8 == 0 for row in rows for value in row) else 1
+    return torch.tensor(rows, dtype=torch.int64, device=device), vec
 
 
 def sgmv_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta) -> torch.Tensor:
