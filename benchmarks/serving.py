@@ -74,7 +74,7 @@ def free_port() -> int:
 
 def start_server(args, store_dir: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "loraserve.cli", "serve", "--port", str(port), "--adapter-dir", store_dir,
+    cmd = [sys.executable, "-m", "loraserve", "serve", "--port", str(port), "--adapter-dir", store_dir,
            "--max-loras", str(args.max_loras), "--max-lora-rank", str(max(16, args.rank)), "--log-level", "warning"]
     if args.model:
         cmd += ["--model", args.model]

@@ -89,3 +89,45 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05):
             return value
         time.sleep(interval)
     return predicate()
+
+
+class StepGate:
+    """Engine steps that run only when the test lets them: `allow(n)` lets n more through,
+    `open()` lets all through. Tests order events with it instead of timing them: while the
+    gate is shut the engine makes no progress, so whatever the server answers meanwhile
+    was answered without waiting for generation. The engine loop still runs its commands
+    (stats, aborts): to it, a shut gate looks like an engine with nothing to do."""
+
+    def __init__(self, core):
+        self.core = core
+        self.permits = threading.Semaphore(0)
+        self.opened = threading.Event()
+        self.original_step, self.original_has_unfinished = core.step, core.has_unfinished
+        self.num_steps = 0              # steps the engine has run through the gate
+        core.step, core.has_unfinished = self._step, self._has_unfinished
+
+    def _has_unfinished(self) -> bool:
+        if not self.original_has_unfinished():
+            return False
+        return self.opened.is_set() or self.permits.acquire(blocking=False)
+
+    def _step(self):
+        self.num_steps += 1
+        return self.original_step()
+
+    def allow(self, steps: int) -> None:
+        self.permits.release(steps)
+
+    def open(self) -> None:
+        self.opened.set()
+
+    def close(self) -> None:
+        """Restore the engine's own methods."""
+        self.open()
+        self.core.step, self.core.has_unfinished = self.original_step, self.original_has_unfinished
+
+    def __enter__(self) -> "StepGate":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -5,12 +5,11 @@ serving), 429 under a flood, client disconnects abort, and an engine fault is a 
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from livekit import live_server, tiny_engine, wait_until
+from livekit import StepGate, live_server, tiny_engine, wait_until
 from peft_files import read_dir, upload
 
 from loraserve.api import ServerSettings
@@ -212,43 +211,31 @@ def test_unknown_models_are_404(server, base):
 # -- load and faults ----------------------------------------------------------------------
 
 def test_flood_gets_429_with_retry_after_and_admitted_requests_finish(server, base):
-    flood = 16
+    flood, admitted = 16, MAX_NUM_SEQS + MAX_QUEUE
     body = {"model": base, "prompt": "flood", "max_tokens": 48, "temperature": 0, "ignore_eos": True}
 
     def send(_):
-        t = time.monotonic()
         with httpx.Client(base_url=server.url, timeout=60) as c:
-            r = c.post("/v1/completions", json=body)
-        return r, time.monotonic() - t
+            return c.post("/v1/completions", json=body)
 
-    start = time.monotonic()
-    with ThreadPoolExecutor(flood) as pool:
-        results = list(pool.map(send, range(flood)))
-    elapsed = time.monotonic() - start
-    rejected = [(r, t) for r, t in results if r.status_code == 429]
-    served = [r for r, _ in results if r.status_code == 200]
-    assert len(rejected) + len(served) == flood, [r.status_code for r, _ in results]
-    assert rejected and len(served) >= MAX_NUM_SEQS, (len(rejected), len(served))
-    for r, t in rejected:
+    with StepGate(server.ctx.core) as gate, ThreadPoolExecutor(flood) as pool:
+        futures = [pool.submit(send, i) for i in range(flood)]
+        # the engine makes no progress while the gate is shut: what is answered meanwhile
+        # was answered at once, without queueing behind generation
+        decided = wait_until(lambda: sum(f.done() for f in futures) == flood - admitted
+                             and server.ctx.admission.in_flight == admitted, timeout=60)
+        early = [f.result() for f in futures if f.done()]
+        gate.open()
+        results = [f.result() for f in futures]
+    assert decided, [f.done() for f in futures]
+    assert len(early) == flood - admitted and all(r.status_code == 429 for r in early), [r.status_code for r in early]
+    for r in early:
         assert r.headers["Retry-After"] == "1" and r.json()["error"]["code"] == "queue_full"
-        assert t < 5.0, "429 must come at once, not after queueing"
+    served = [r for r in results if r.status_code == 200]
+    assert len(served) == admitted, [r.status_code for r in results]
     assert all(r.json()["usage"]["completion_tokens"] == 48 for r in served), "admitted requests are unaffected"
-    assert elapsed < 60
     assert server.metric("loraserve_requests_total", endpoint="completions", status="429", adapter=base) \
-        == len(rejected)
-
-
-def slow_steps(server, seconds: float):
-    """Make every engine step take at least `seconds` (restored by the returned function)."""
-    core = server.ctx.core
-    original = core.step
-
-    def slow():
-        time.sleep(seconds)
-        return original()
-
-    core.step = slow
-    return lambda: setattr(core, "step", original) if core.step is slow else None
+        == len(early)
 
 
 def pinned_slots(server) -> int:
@@ -268,8 +255,8 @@ def engine_idle(server) -> bool:
 def test_disconnect_mid_stream_aborts_the_request(server, tiny_llama):
     with server.client() as c:
         assert upload(c, "story", read_dir(tiny_llama[1]["r4"])).status_code == 201
-    restore = slow_steps(server, 0.05)
-    try:
+    with StepGate(server.ctx.core) as gate:
+        gate.allow(4)                   # the prefill and three more tokens, then the engine holds
         with server.client() as c:
             with c.stream("POST", "/v1/completions", json={"model": "story", "prompt": "a long story",
                                                            "max_tokens": 100, "ignore_eos": True, "stream": True}) as r:
@@ -279,23 +266,22 @@ def test_disconnect_mid_stream_aborts_the_request(server, tiny_llama):
                 assert server.metric("loraserve_num_requests_running") == 1
                 assert server.metric("loraserve_kv_blocks_used") > 0
                 assert pinned_slots(server) == 1
-        # leaving the block closed the connection after ~2 of 100 tokens (5 s of work left)
-        assert wait_until(lambda: engine_idle(server), timeout=3.0), "the request kept running after the disconnect"
-    finally:
-        restore()
+        # leaving the block closed the connection with 96 of 100 tokens still to generate
+        gate.open()
+        assert wait_until(lambda: engine_idle(server), timeout=30), "the request is still holding resources"
+        assert gate.num_steps < 10, f"the request ran {gate.num_steps} steps: it went on after the disconnect"
     assert server.metric("loraserve_requests_total", endpoint="completions", status="499", adapter="default/story") >= 1
 
 
 def test_disconnect_while_waiting_for_a_plain_answer_aborts_it(server, base):
-    restore = slow_steps(server, 0.05)
-    try:
+    with StepGate(server.ctx.core) as gate:     # shut: the answer cannot come before the client gives up
         with pytest.raises(httpx.ReadTimeout):
             with httpx.Client(base_url=server.url, timeout=0.5) as c:
                 c.post("/v1/chat/completions", json={"model": base, "messages": [{"role": "user", "content": "x"}],
                                                      "max_tokens": 80, "ignore_eos": True})
-        assert wait_until(lambda: engine_idle(server), timeout=3.0), "the request kept running after the disconnect"
-    finally:
-        restore()
+        gate.open()
+        assert wait_until(lambda: engine_idle(server), timeout=30), "the request is still holding resources"
+        assert gate.num_steps < 10, f"the request ran {gate.num_steps} steps: it went on after the disconnect"
 
 
 def test_a_fault_in_one_request_is_its_500_and_the_others_go_on(server, base):
@@ -309,13 +295,18 @@ def test_a_fault_in_one_request_is_its_500_and_the_others_go_on(server, base):
         return original(seq, sample)
 
     core._append = faulty
-    restore = slow_steps(server, 0.01)
+    gate = StepGate(core)
     try:
         with ThreadPoolExecutor(2) as pool:
             bystander = pool.submit(post, server, "/v1/completions", {"model": base, "prompt": "bystander",
                                                                        "max_tokens": 30, "ignore_eos": True})
-            time.sleep(0.1)
-            err = assert_error(post(server, "/v1/completions", {"model": base, "prompt": doomed, "max_tokens": 3}), 500)
+            gate.allow(2)               # the bystander is running when the doomed request joins it
+            assert wait_until(lambda: gate.num_steps == 2, timeout=30)
+            doomed_answer = pool.submit(post, server, "/v1/completions",
+                                        {"model": base, "prompt": doomed, "max_tokens": 3})
+            assert wait_until(lambda: server.ctx.admission.in_flight == 2, timeout=30)
+            gate.open()
+            err = assert_error(doomed_answer.result(), 500)
             assert err["type"] == "server_error" and "injected fault" in err["message"]
             with server.client() as c, c.stream("POST", "/v1/chat/completions", json={
                     "model": base, "messages": [{"role": "user", "content": "x"}], "stream": True}) as r:
@@ -327,7 +318,7 @@ def test_a_fault_in_one_request_is_its_500_and_the_others_go_on(server, base):
             assert bystander.result().json()["usage"]["completion_tokens"] == 30
     finally:
         core._append = original
-        restore()
+        gate.close()
     ok = post(server, "/v1/completions", {"model": base, "prompt": doomed, "max_tokens": 3})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
     with server.client() as c:

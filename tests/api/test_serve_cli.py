@@ -18,7 +18,7 @@ import pytest
 
 from loraserve.cli import build_parser
 
-CLI = [sys.executable, "-m", "loraserve.cli"]
+CLI = [sys.executable, "-m", "loraserve"]
 
 
 def free_port() -> int:

@@ -214,8 +214,12 @@ def test_async_engine_streams_and_aborts(tiny):
         with pytest.raises(AdapterNotFound):
             async for _ in engine.generate("x", GREEDY, "missing"):
                 pass
-        await asyncio.sleep(0.3)
         stats = await engine.call(lambda e: e.stats())
+        for _ in range(200):                                # the abort lands on the engine thread, bounded
+            if stats["num_running"] == 0:
+                break
+            await asyncio.sleep(0.05)
+            stats = await engine.call(lambda e: e.stats())
         return deltas, stats
 
     try:

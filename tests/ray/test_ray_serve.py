@@ -55,7 +55,16 @@ def test_requests_stick_to_the_replica_holding_their_adapter(cluster):
         for _ in range(2):                    # warm-up: first loads, and Ray learns who holds what
             for model in cluster.adapters:
                 assert complete(c, model, max_tokens=2).status_code == 200
-        time.sleep(2.0)
+        # Ray learns who holds what from the replicas' reports: wait, bounded, until a round
+        # of requests lands where the round before it did
+        deadline = time.monotonic() + 60
+        placed = {m: complete(c, m, max_tokens=2).headers[REPLICA_HEADER] for m in cluster.adapters}
+        while time.monotonic() < deadline:
+            again = {m: complete(c, m, max_tokens=2).headers[REPLICA_HEADER] for m in cluster.adapters}
+            if again == placed:
+                break
+            placed = again
+            time.sleep(0.25)
         last: dict[str, str] = {}
         hits = total = 0
         seen = Counter()

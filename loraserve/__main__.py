@@ -1,0 +1,7 @@
+"""`python -m loraserve ...`: the same command line as the `loraserve` script."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
