@@ -2,8 +2,9 @@
 first out, filled by background loader threads so no engine step waits on disk.
 
 `get(record)` never blocks: it returns the loaded weights, or None after asking the
-loader for them. The engine asks again on a later step; `wait(timeout)` lets an idle
-engine sleep until a load finishes instead of spinning.
+loader for them (`peek` and `request`, the two halves, for callers that decide first and
+load later). The engine asks again on a later step; `wait(timeout)` lets an idle engine
+sleep until a load finishes instead of spinning.
 """
 
 from __future__ import annotations
@@ -44,16 +45,28 @@ class CpuTier:
             thread.start()
 
     def get(self, record: AdapterRecord) -> LoRAAdapter | None:
+        """The loaded weights, or None after asking a loader for them."""
+        adapter = self.peek(record.key)
+        if adapter is None:
+            self.request(record)
+        return adapter
+
+    def peek(self, key: str) -> LoRAAdapter | None:
+        """The loaded weights (now the most recently used), or None; starts nothing."""
         with self._lock:
-            adapter = self._cache.get(record.key)
+            adapter = self._cache.get(key)
             if adapter is not None:
-                self._cache.move_to_end(record.key)
+                self._cache.move_to_end(key)
                 self.num_hits += 1
-                return adapter
-            if record.key not in self._loading and record.key not in self._failed:
-                self._loading.add(record.key)
+            return adapter
+
+    def request(self, record: AdapterRecord) -> None:
+        """Queue a background load, unless the weights are here, loading, or just failed."""
+        with self._lock:
+            key = record.key
+            if key not in self._cache and key not in self._loading and key not in self._failed:
+                self._loading.add(key)
                 self._queue.put(record)
-            return None
 
     def put(self, key: str, adapter: LoRAAdapter) -> None:
         """Insert already-loaded weights (e.g. just validated), evicting the LRU entry."""

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from .errors import AdapterRejected
 
+DEFAULT_TENANT = "default"  # the tenant of every caller when no API keys are configured
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _REF = re.compile(r"^(?:(?P<owner>[^/@]+)/)?(?P<name>[^/@]+)(?:@(?P<version>[^/@]*))?$")
 

@@ -1,27 +1,31 @@
 """Adapter names to device slots, through the three tiers: the durable store on disk,
-the CPU tier of loaded weights, and the device slots the kernels read.
+the CPU tier of loaded weights, and the device slot pool the kernels read.
 
 The engine resolves a request's adapter reference to a record (an immutable version:
 its key never names other weights), the scheduler pins the record's key for the
-request's lifetime, and a pin that finds the weights still on disk starts a background
-load instead of waiting for it.
+request's lifetime (bookkeeping only), and `make_resident()`, once per engine step,
+moves weights: the slots pinned since the last step are written, and the adapters that
+were asked for while still on disk start loading in the background.
 """
 
 from __future__ import annotations
 
 import threading
 
+import torch
+
 from .cpu_tier import CpuTier
-from .device_slots import DeviceSlots
 from .record import AdapterRecord
+from .slot_pool import SlotPool
 from .store import AdapterStore
 
 
 class AdapterRegistry:
-    def __init__(self, store: AdapterStore, max_loras: int, max_cpu_loras: int, write_slot):
+    def __init__(self, store: AdapterStore, max_loras: int, max_cpu_loras: int, dtype: torch.dtype,
+                 device: torch.device | str):
         self.store = store
         self.cpu = CpuTier(store.load, max_cpu_loras)
-        self.slots = DeviceSlots(max_loras, write_slot, self._fetch)
+        self.slots = SlotPool.allocate(store.spec, max_loras, self._fetch, dtype, device)
         self._records: dict[str, AdapterRecord] = {}
         self._retained: dict[str, object] = {}    # deleted versions that accepted requests still use
         self._lock = threading.Lock()
@@ -35,6 +39,15 @@ class AdapterRegistry:
     def record(self, key: str) -> AdapterRecord:
         return self._records[key]
 
+    def make_resident(self) -> list[int]:
+        """The one place adapter weights move: copy the adapters pinned since the last
+        step into their slots, and start loading the ones still on disk. Returns the
+        slots written."""
+        written = self.slots.write_pending()
+        for key in self.slots.take_wanted():
+            self.cpu.request(self._records[key])
+        return written
+
     def tier(self, record: AdapterRecord) -> str:
         if record.key in self.slots.slot_of:
             return "device"
@@ -43,10 +56,8 @@ class AdapterRegistry:
     def retain(self, record: AdapterRecord) -> None:
         """Keep a version's weights in memory before its files are deleted, for the
         requests that were accepted with it and have not finished."""
-        if record.key not in self.slots.slot_of and not self.cpu.contains(record.key):
-            self._retained[record.key] = self.store.load(record)
-        else:
-            self._retained[record.key] = self.cpu.get(record) or self._retained.get(record.key)
+        key = record.key
+        self._retained[key] = self._retained.get(key) or self.cpu.peek(key) or self.store.load(record)
 
     def is_retained(self, key: str) -> bool:
         return key in self._retained
@@ -62,4 +73,4 @@ class AdapterRegistry:
 
     def _fetch(self, key: str):
         retained = self._retained.get(key)
-        return retained if retained is not None else self.cpu.get(self._records[key])
+        return retained if retained is not None else self.cpu.peek(key)

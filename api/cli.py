@@ -1,7 +1,7 @@
-"""`loraserve serve` and `loraserve keys`: their flags, and what they run.
-
-loraserve/cli.py registers these subparsers; engine flags come from its add_engine_args,
-so --model, --max-loras, --max-num-seqs and the rest mean the same thing everywhere.
+"""The `loraserve` command (and `python -m loraserve`): `generate` and `finetune` from the
+engine (loraserve/cli.py), `serve`, `serve-ray` and `keys` from here. Engine flags come
+from loraserve/cli.py's add_engine_args, so --model, --max-loras, --max-num-seqs and the
+rest mean the same thing everywhere.
 """
 
 from __future__ import annotations
@@ -13,18 +13,21 @@ import os
 import sys
 import time
 
+from loraserve.cli import (add_engine_args, add_finetune_parser, add_generate_parser, engine_config, parse_adapter,
+                           run_finetune, run_generate)
+
 from .settings import DEFAULT_TENANT, ServerSettings
 
 log = logging.getLogger("loraserve.api")
 
 
-def add_serve_parser(sub, add_engine_args, parse_adapter) -> None:
+def add_serve_parser(sub) -> None:
     p = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
                        description="Serve one base model and its LoRA adapters over an OpenAI-compatible HTTP API "
                                    "(/v1/completions, /v1/chat/completions, /v1/models, /v1/adapters, vLLM's "
                                    "/v1/load_lora_adapter, /health, /metrics). With no arguments it serves the "
                                    "embedded SmolLM2-135M-Instruct on 127.0.0.1:8000. SIGTERM drains and exits 0.")
-    add_server_flags(p, parse_adapter)
+    add_server_flags(p)
     add_finetune_flags(p)
     add_engine_args(p)
 
@@ -44,7 +47,7 @@ def add_finetune_flags(p: argparse.ArgumentParser) -> None:
                    help="largest training file upload (default: 67108864 = 64 MiB)")
 
 
-def add_serve_ray_parser(sub, add_engine_args, parse_adapter) -> None:
+def add_serve_ray_parser(sub) -> None:
     p = sub.add_parser("serve-ray", help="serve the same HTTP API from several engine replicas on Ray Serve",
                        description="Deploy the OpenAI-compatible server on Ray Serve: --replicas engine replicas, "
                                    "each with its own adapter slots and CPU cache, behind one endpoint; a request "
@@ -60,11 +63,11 @@ def add_serve_ray_parser(sub, add_engine_args, parse_adapter) -> None:
                    "(default: 0; pass 1 on a GPU cluster)")
     p.add_argument("--max-adapters-per-replica", type=int, default=None, metavar="N",
                    help="adapters Ray Serve counts as held by one replica when routing (default: --max-loras)")
-    add_server_flags(p, parse_adapter)
+    add_server_flags(p)
     add_engine_args(p)
 
 
-def add_server_flags(p: argparse.ArgumentParser, parse_adapter) -> None:
+def add_server_flags(p: argparse.ArgumentParser) -> None:
     """The HTTP flags `serve` and `serve-ray` share."""
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; a non-loopback "
                    "address needs --api-keys or --allow-unauthenticated)")
@@ -118,7 +121,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
                           finetune_threads=getattr(args, "finetune_threads", 1))
 
 
-def run_serve(args: argparse.Namespace, engine_config) -> int:
+def run_serve(args: argparse.Namespace) -> int:
     from loraserve.async_engine import AsyncEngine
 
     from .server import run_server
@@ -137,7 +140,7 @@ def run_serve(args: argparse.Namespace, engine_config) -> int:
         engine.shutdown()
 
 
-def run_serve_ray(args: argparse.Namespace, engine_config) -> int:
+def run_serve_ray(args: argparse.Namespace) -> int:
     try:
         from .ray_deploy import run_serve_ray as run
     except ImportError as e:
@@ -182,3 +185,33 @@ def run_keys(args: argparse.Namespace) -> int:
     for e in revoke_key(args.file, args.key):
         print(f"revoked {e.id} (tenant {e.tenant})")
     return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraserve", description="Serve one base LLM and many LoRA adapters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_generate_parser(sub)
+    add_serve_parser(sub)
+    add_serve_ray_parser(sub)
+    add_keys_parser(sub)
+    add_finetune_parser(sub)
+    return parser
+
+
+COMMANDS = {"generate": run_generate, "serve": run_serve, "serve-ray": run_serve_ray, "finetune": run_finetune,
+            "keys": run_keys}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

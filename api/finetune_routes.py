@@ -5,8 +5,9 @@ events, cancel. Per tenant: another tenant's job answers 404 like a missing one,
 the finished adapter lands in the caller's namespace as the job's `fine_tuned_model`.
 
 Hyperparameters are OpenAI's three (`n_epochs`, `batch_size`, `learning_rate_multiplier`,
-each a number or "auto"), at the top level or under method.supervised, plus loraserve's
-own: `lora_rank`, `lora_alpha`, `target_modules`, `max_seq_len`.
+each a number or "auto", chosen from the training file's size and length), at the top
+level or under method.supervised, plus loraserve's own: `lora_rank`, `lora_alpha`,
+`target_modules`, `max_seq_len`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import Field
 
 from loraserve.adapters import LORA_MODULES, AdapterRejected, check_name
-from loraserve.adapters.finetune import BASE_LEARNING_RATE, LIMITS, FinetuneConfig
+from loraserve.adapters.finetune import (BASE_LEARNING_RATE, LIMITS, FinetuneConfig, auto_hyperparameters,
+                                         mean_example_tokens)
+from loraserve.adapters.finetune_data import parse_jsonl
 
 from .auth import Caller, authenticate
 from .errors import APIError
@@ -30,8 +33,6 @@ from .openai_models import _Strict
 
 router = APIRouter(tags=["fine-tuning"])
 
-DEFAULT_EPOCHS = 3
-DEFAULT_BATCH_SIZE = 8
 DEFAULT_RANK = 16
 DEFAULT_MAX_SEQ_LEN = 1024
 MAX_LR_MULTIPLIER = 10.0
@@ -97,7 +98,8 @@ async def create_job(body: FineTuningJobRequest, request: Request, caller: Calle
             raise APIError(400, f"the validation file is {validation.format} data but the training file is "
                                 f"{training.format}; use one format for both", "validation_file")
     seed = body.seed if body.seed is not None else random.randrange(2**31)
-    resolved, config = resolve_hyperparameters(hyper, training.examples, ctx.store.spec.max_lora_rank,
+    examples = await to_thread.run_sync(lambda: parse_jsonl(jobs.files.read(training)).examples)
+    resolved, config = resolve_hyperparameters(hyper, examples, ctx.store.spec.max_lora_rank,
                                                ctx.max_model_len, seed)
     job = await to_thread.run_sync(lambda: jobs.create(
         caller.tenant, body.model, training.id, body.validation_file, body.suffix, seed, resolved, config,
@@ -127,13 +129,16 @@ def _hyperparameters(body: FineTuningJobRequest) -> Hyperparameters:
     return body.hyperparameters or Hyperparameters()
 
 
-def resolve_hyperparameters(h: Hyperparameters, num_examples: int, max_rank: int, max_len: int,
+def resolve_hyperparameters(h: Hyperparameters, examples: list[dict], max_rank: int, max_len: int,
                             seed: int) -> tuple[dict, dict]:
-    """("auto" resolved to numbers as the job reports them, FinetuneConfig fields); 400 when out of range."""
-    epochs = DEFAULT_EPOCHS if h.n_epochs == "auto" else _int_in("n_epochs", h.n_epochs, *LIMITS["epochs"])
-    batch = (min(DEFAULT_BATCH_SIZE, num_examples) if h.batch_size == "auto"
-             else _int_in("batch_size", h.batch_size, *LIMITS["batch_size"]))
-    multiplier = 1.0 if h.learning_rate_multiplier == "auto" else float(h.learning_rate_multiplier)
+    """("auto" resolved to numbers as the job reports them, FinetuneConfig fields); 400 when out of range.
+    "auto" is chosen from the dataset's size and length (adapters/finetune.py, auto_hyperparameters)."""
+    epochs = None if h.n_epochs == "auto" else _int_in("n_epochs", h.n_epochs, *LIMITS["epochs"])
+    batch = None if h.batch_size == "auto" else _int_in("batch_size", h.batch_size, *LIMITS["batch_size"])
+    auto = auto_hyperparameters(len(examples), mean_example_tokens(examples), epochs, batch)
+    epochs, batch = auto.n_epochs, auto.batch_size
+    multiplier = (auto.learning_rate_multiplier if h.learning_rate_multiplier == "auto"
+                  else _number("learning_rate_multiplier", h.learning_rate_multiplier))
     if not (math.isfinite(multiplier) and 0 < multiplier <= MAX_LR_MULTIPLIER):
         raise _out_of_range("learning_rate_multiplier", f"a number in (0, {MAX_LR_MULTIPLIER:g}] or 'auto'",
                             h.learning_rate_multiplier)
@@ -158,6 +163,12 @@ def resolve_hyperparameters(h: Hyperparameters, num_examples: int, max_rank: int
     fields = {f: getattr(config, f) for f in ("rank", "alpha", "epochs", "batch_size", "learning_rate",
                                               "max_seq_len", "eval_fraction", "max_eval_examples", "seed")}
     return resolved, {**fields, "targets": list(config.targets)}
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _out_of_range(name, f"a number in (0, {MAX_LR_MULTIPLIER:g}] or 'auto'", value)
+    return float(value)
 
 
 def _int_in(name: str, value, low: int, high: int) -> int:

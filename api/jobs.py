@@ -342,7 +342,7 @@ def finetune_services(core, settings) -> tuple[FileStore, JobManager]:
 
 def base_dir_of(core) -> str:
     """The served model's HF directory (what the engine loaded), for the worker to load again."""
-    path = getattr(getattr(core, "hf_config", None), "_name_or_path", "")   # a Ray ingress core has none
+    path = getattr(core, "model_dir", "")           # a Ray ingress core has none
     if path and os.path.isdir(path):
         return path
     from loraserve.model.loader import resolve_model

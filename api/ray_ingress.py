@@ -129,7 +129,7 @@ class ClusterEngine:
         finished = False
         try:
             async for out in stream:
-                if served is not None and getattr(out, "replica", None) and out.replica not in served:
+                if served is not None and out.replica and out.replica not in served:
                     served.append(out.replica)
                 finished = out.finished
                 yield out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-DEFAULT_TENANT = "default"  # the tenant of every caller when no --api-keys file is given
+from loraserve.adapters import DEFAULT_TENANT  # noqa: F401 - the tenant of every caller without --api-keys
 
 
 @dataclass

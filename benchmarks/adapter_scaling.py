@@ -83,7 +83,7 @@ def cold_loads(args, tmp: str, hf_config, rank: int) -> list[float]:
         llm.add_adapter(f"cold{i}", path)             # a new record: in no tier yet
         start = time.perf_counter()
         rid = engine.add_request("Hello there", SamplingParams(max_tokens=1, ignore_eos=True), f"cold{i}")
-        while not any(o.request_id == rid for o in engine.step()):
+        while not any(o.request_id == rid for o in engine.step().outputs):
             pass
         latencies.append(time.perf_counter() - start)
     return latencies

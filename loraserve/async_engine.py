@@ -129,7 +129,7 @@ class AsyncEngine:
                 self._wake.clear()
                 continue
             try:
-                outputs = self.engine.step()        # fails only the requests a fault touches
+                outputs = self.engine.step().outputs   # fails only the requests a fault touches
             except Exception as e:                  # the engine's own bookkeeping broke
                 log.exception("engine step failed")
                 self._fail_all(e)

@@ -1,11 +1,12 @@
-"""`loraserve` command line: subcommands share one set of engine flags built from
-EngineConfig, so a flag means the same thing everywhere."""
+"""The engine's command-line pieces: one set of engine flags built from EngineConfig (so a
+flag means the same thing in every subcommand), and the offline subcommands, `generate`
+and `finetune`. The `loraserve` command itself is assembled in api/cli.py, above every
+package, so no engine module imports the HTTP layer."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import sys
 
 from .config import DTYPES, EngineConfig
@@ -57,9 +58,7 @@ def parse_adapter(value: str) -> tuple[str, str]:
     return name, path
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loraserve", description="Serve one base LLM and many LoRA adapters.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def add_generate_parser(sub) -> None:
     gen = sub.add_parser("generate", help="generate text for one or more prompts, offline",
                          description="Generate text offline, each prompt under the same adapter (or none).")
     gen.add_argument("--prompt", action="append", required=True, help="a prompt; repeat for a batch")
@@ -71,17 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
     gen.add_argument("-v", "--verbose", action="store_true", help="log engine set-up")
     add_engine_args(gen)
-    from loraserve.api.cli import add_keys_parser, add_serve_parser, add_serve_ray_parser
-
-    add_serve_parser(sub, add_engine_args, parse_adapter)
-    add_serve_ray_parser(sub, add_engine_args, parse_adapter)
-    add_keys_parser(sub)
-    add_finetune_parser(sub)
-    return parser
 
 
 def add_finetune_parser(sub) -> None:
-    from loraserve.adapters import LORA_MODULES
+    from loraserve.adapters import DEFAULT_TENANT, LORA_MODULES
     from loraserve.adapters.finetune import BASE_LEARNING_RATE
 
     p = sub.add_parser("finetune", help="train a LoRA adapter on a JSONL file and register it in the adapter store",
@@ -93,13 +85,18 @@ def add_finetune_parser(sub) -> None:
     p.add_argument("--validation-data", default=None, metavar="FILE",
                    help="JSONL held-out data for the eval loss (default: --eval-fraction of --data)")
     p.add_argument("--name", required=True, help="the adapter's name in the store (a new version if it exists)")
-    p.add_argument("--tenant", default="default", help="the store namespace to register in (default: default)")
+    p.add_argument("--tenant", default=DEFAULT_TENANT,
+                   help=f"the store namespace to register in (default: {DEFAULT_TENANT})")
     p.add_argument("--shared", action="store_true", help="register it visible, read-only, to every tenant")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default: 16)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 x --rank)")
-    p.add_argument("--epochs", type=int, default=3, help="passes over the data (default: 3)")
-    p.add_argument("--lr", type=float, default=BASE_LEARNING_RATE, help=f"learning rate (default: {BASE_LEARNING_RATE})")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per step (default: 8)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="passes over the data (default: auto, 3 or more for small data, as the API's n_epochs)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate (default: auto, {BASE_LEARNING_RATE} times the API's auto "
+                        "learning_rate_multiplier for this data)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="examples per step (default: auto, from the data's size and length, as the API's)")
     p.add_argument("--targets", default=",".join(LORA_MODULES),
                    help=f"comma-separated projections to adapt (default: all of {','.join(LORA_MODULES)})")
     p.add_argument("--max-seq-len", type=int, default=1024, help="longer examples are cut (default: 1024)")
@@ -120,7 +117,8 @@ def run_finetune(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from loraserve.adapters import AdapterStore, BaseModelSpec, default_store_root
-    from loraserve.adapters.finetune import FinetuneConfig, train_lora
+    from loraserve.adapters.finetune import (BASE_LEARNING_RATE, FinetuneConfig, auto_hyperparameters,
+                                             mean_example_tokens, train_lora)
     from loraserve.adapters.finetune_data import parse_jsonl
 
     from .model.loader import load_config, resolve_model
@@ -128,11 +126,16 @@ def run_finetune(args: argparse.Namespace) -> int:
     if args.rank > args.max_lora_rank:
         raise ValueError(f"--rank {args.rank} exceeds --max-lora-rank {args.max_lora_rank}: a server could not "
                          f"load it; pass --max-lora-rank {args.rank} here and to `loraserve serve`")
-    config = FinetuneConfig(rank=args.rank, alpha=args.alpha or 2.0 * args.rank, epochs=args.epochs,
-                            learning_rate=args.lr, batch_size=args.batch_size, seed=args.seed,
+    data = parse_jsonl(_read_bytes(args.data))
+    auto = auto_hyperparameters(len(data.examples), mean_example_tokens(data.examples), args.epochs,
+                                args.batch_size)
+    lr = args.lr if args.lr is not None else BASE_LEARNING_RATE * auto.learning_rate_multiplier
+    config = FinetuneConfig(rank=args.rank, alpha=args.alpha or 2.0 * args.rank, epochs=auto.n_epochs,
+                            learning_rate=lr, batch_size=auto.batch_size, seed=args.seed,
                             targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
                             max_seq_len=args.max_seq_len, eval_fraction=args.eval_fraction)
-    data = parse_jsonl(_read_bytes(args.data))
+    print(f"training {len(data.examples)} examples: {config.epochs} epochs, batch size {config.batch_size}, "
+          f"learning rate {config.learning_rate:g}", file=sys.stderr)
     validation = parse_jsonl(_read_bytes(args.validation_data)) if args.validation_data else None
     source = resolve_model(args.model, args.cache_dir)
     spec = BaseModelSpec.from_hf_config(load_config(source.local_dir), args.max_lora_rank, source.model_id)
@@ -183,31 +186,3 @@ def run_generate(args: argparse.Namespace) -> int:
     for out in outs:
         print(out.text)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.command == "generate":
-            return run_generate(args)
-        if args.command == "serve":
-            from loraserve.api.cli import run_serve
-            return run_serve(args, engine_config)
-        if args.command == "serve-ray":
-            from loraserve.api.cli import run_serve_ray
-            return run_serve_ray(args, engine_config)
-        if args.command == "finetune":
-            return run_finetune(args)
-        if args.command == "keys":
-            from loraserve.api.cli import run_keys
-            return run_keys(args)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

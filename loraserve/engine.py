@@ -8,17 +8,18 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from loraserve.adapters import AdapterRecord, AdapterRegistry, AdapterStore, BaseModelSpec, default_store_root
+from loraserve.adapters import (DEFAULT_TENANT, AdapterRecord, AdapterRegistry, AdapterStore, BaseModelSpec,
+                                default_store_root)
 
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
 from .model.loader import load_config, load_tokenizer, resolve_model
-from .model.runner import ModelRunner, StepInput
+from .model.runner import ModelRunner, StepInput, check_supported, resolve_device, resolve_dtype
 from .outputs import RequestOutput, TokenLogprob
 from .sampler import Sample, SampleRequest, Sampler
 from .sampling_params import SamplingParams
@@ -27,7 +28,16 @@ from .sequence import Sequence
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TENANT = "default"
+__all__ = ["DEFAULT_TENANT", "LLMEngine", "StepResult"]
+
+
+@dataclass
+class StepResult:
+    """What one engine step did."""
+    outputs: list[RequestOutput]    # every request that moved: a token, a finish, an error
+    num_scheduled_tokens: int = 0   # tokens computed (prefill chunks and decodes)
+    num_preempted: int = 0          # requests sent back to wait, their KV dropped
+    slots_written: list[int] = field(default_factory=list)   # adapter slots loaded onto the device
 
 
 @dataclass
@@ -43,7 +53,9 @@ class LLMEngine:
         self.config = config
         source = resolve_model(config.model, config.cache_dir)
         self.model_id = source.model_id
+        self.model_dir = source.local_dir       # the HF directory loaded (a fine-tuning worker loads it again)
         self.hf_config = load_config(source.local_dir)
+        check_supported(self.hf_config)
         self.tokenizer = load_tokenizer(source.local_dir)
         context = getattr(self.hf_config, "max_position_embeddings", 4096)
         window = getattr(self.hf_config, "sliding_window", None)
@@ -53,13 +65,15 @@ class LLMEngine:
         wanted = config.max_model_len or min(context, 4096)
         if wanted > context:
             raise ValueError(f"max_model_len {wanted} exceeds the model's context of {context} tokens")
-        self.runner = ModelRunner(config, self.hf_config, source.local_dir, wanted)
-        # one request must always fit the KV pool, or preemption could never make room
-        self.max_model_len = min(wanted, self.runner.num_blocks * config.block_size)
         self.spec = BaseModelSpec.from_hf_config(self.hf_config, config.max_lora_rank, self.model_id)
         self.store = AdapterStore(config.adapter_dir or default_store_root(), self.spec)
-        self.adapters = AdapterRegistry(self.store, config.max_loras, config.max_cpu_loras, self.runner.write_slot)
+        device = resolve_device(config.device)
+        self.adapters = AdapterRegistry(self.store, config.max_loras, config.max_cpu_loras,
+                                        resolve_dtype(config.dtype, device), device)
         self.slots = self.adapters.slots
+        self.runner = ModelRunner(config, self.hf_config, source.local_dir, wanted, self.slots)
+        # one request must always fit the KV pool, or preemption could never make room
+        self.max_model_len = min(wanted, self.runner.num_blocks * config.block_size)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, self.slots, config.max_num_seqs, config.max_num_batched_tokens)
         self.sampler = Sampler(config.seed)
@@ -162,25 +176,29 @@ class LLMEngine:
         return bool(self.requests)
 
     # -- the step ------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
-        """One engine step. A failure fails only the requests it touched: an exception in
-        the forward pass fails that step's batch, one in a request's post-processing
-        fails that request; everything else keeps running."""
+    def step(self) -> StepResult:
+        """One engine step: schedule, make the batch's adapters resident, run, sample,
+        update. A failure fails only the requests it touched: an exception in the forward
+        pass fails that step's batch, one in a request's post-processing fails that
+        request; everything else keeps running."""
         failed = self._fail_unloadable()
         batch = self.scheduler.schedule()
+        written = self.adapters.make_resident()
         if not batch.items:
             if self.scheduler.waiting:
                 self.adapters.cpu.wait(0.05)    # adapters still loading: sleep, do not spin
-            return failed
+            return StepResult(failed, slots_written=written)
         try:
-            inputs = [StepInput(seq, n, self.slots.slot(seq.adapter_key)) for seq, n in batch.items]
-            seqs, logits = self.runner.run(inputs)
+            seqs, logits = self.runner.run([StepInput(seq, n, self.slots.slot(seq.adapter_key))
+                                            for seq, n in batch.items])
             self.scheduler.advance(batch)
             samples = self.sampler(logits, [self._sample_request(s) for s in seqs]) if seqs else []
         except Exception as e:
             log.exception("engine step failed; failing its %d requests", len(batch.items))
-            return failed + [self._fail(seq, f"internal error: {e}") for seq, _ in batch.items]
-        return failed + [self._append_or_fail(seq, sample) for seq, sample in zip(seqs, samples)]
+            outputs = failed + [self._fail(seq, f"internal error: {e}") for seq, _ in batch.items]
+        else:
+            outputs = failed + [self._append_or_fail(seq, sample) for seq, sample in zip(seqs, samples)]
+        return StepResult(outputs, batch.num_tokens, batch.num_preempted, written)
 
     def _append_or_fail(self, seq: Sequence, sample: Sample) -> RequestOutput:
         try:

@@ -71,7 +71,7 @@ class LLM:
         bar = tqdm(total=len(ids), desc="generating", unit="req", disable=not use_tqdm)
         try:
             while len(results) < len(ids):
-                for out in self.engine.step():
+                for out in self.engine.step().outputs:
                     if out.finished and out.request_id not in results:
                         results[out.request_id] = out
                         bar.update(1)

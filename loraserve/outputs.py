@@ -26,6 +26,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
+    replica: str | None = None                              # the Ray Serve replica that served it, if any
 
     @property
     def finished(self) -> bool:

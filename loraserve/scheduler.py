@@ -12,18 +12,17 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from loraserve.adapters.pin import Pin
+
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
-
-
-PINNED, LOADING, NO_SLOT = "pinned", "loading", "no_slot"
 
 
 class AdapterPins(Protocol):
     """The adapter tiers as the scheduler sees them: a request holds a pin on its
     adapter's device slot from admission until it finishes or is preempted."""
 
-    def try_pin(self, adapter_key: str) -> str: ...   # PINNED, LOADING (ask later) or NO_SLOT
+    def try_pin(self, adapter_key: str) -> Pin: ...   # bookkeeping only: no weights move
     def unpin(self, adapter_key: str) -> None: ...
     def is_pinned(self, adapter_key: str) -> bool: ...
 
@@ -120,9 +119,9 @@ class Scheduler:
             if starving or not self.adapters.is_pinned(key):
                 return False
         pin = self.adapters.try_pin(key)
-        if pin == NO_SLOT:
+        if pin is Pin.NO_SLOT:
             seq.slot_wait_steps += 1
-        return pin == PINNED
+        return pin is Pin.PINNED
 
     def preempt(self, seq: Sequence) -> None:
         """Recompute later: drop its KV, keep its tokens, and put it first in line."""

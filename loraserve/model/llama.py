@@ -16,7 +16,7 @@ from torch import nn
 from loraserve import kernels
 from loraserve.kernels import LoRAMeta
 
-from .lora import LoRAGroup
+from loraserve.adapters import LoRAGroup
 
 
 @dataclass
@@ -168,17 +168,12 @@ class LlamaForCausalLM(nn.Module):
         if unused:
             raise ValueError(f"checkpoint has weights this model does not use: {unused[:5]}")
 
-    def init_lora(self, max_loras: int, r_max: int) -> None:
-        dtype, device = self.embed.weight.dtype, self.embed.weight.device
-        inter = self.config.intermediate_size
-        for layer in self.layers:
-            h = self.config.hidden_size
-            layer.lora = {
-                "qkv": LoRAGroup.empty(h, [layer.q_size, layer.kv_size, layer.kv_size], max_loras, r_max, dtype, device),
-                "o": LoRAGroup.empty(layer.q_size, [h], max_loras, r_max, dtype, device),
-                "gate_up": LoRAGroup.empty(h, [inter, inter], max_loras, r_max, dtype, device),
-                "down": LoRAGroup.empty(inter, [h], max_loras, r_max, dtype, device),
-            }
+    def attach_lora(self, layers: list[dict[str, LoRAGroup]]) -> None:
+        """Read LoRA weights from the slot pool's buffers (one dict of groups per layer, in
+        the fused layout of this model: qkv, o, gate_up, down)."""
+        assert len(layers) == len(self.layers), (len(layers), len(self.layers))
+        for layer, groups in zip(self.layers, layers):
+            layer.lora = groups
 
     def init_kv_cache(self, num_blocks: int, block_size: int) -> None:
         dtype, device = self.embed.weight.dtype, self.embed.weight.device

@@ -1,5 +1,6 @@
 """Turns a scheduled batch into tensors, runs the model, and returns the logits of the
-sequences that need a token. Owns the weights, the KV cache and the LoRA slot buffers."""
+sequences that need a token. Owns the weights and the KV cache; the LoRA slot buffers
+belong to the adapters' slot pool, which the model reads through views of its layers."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import torch
 
 from loraserve.config import EngineConfig
 from loraserve.kernels import build_lora_meta, warm_up_cpu_lora
+from loraserve.adapters import SlotPool
 from loraserve.sequence import Sequence
 
 from .cuda_graphs import DecodeGraphs, DecodeInputs
 from .llama import SUPPORTED_MODEL_TYPES, ForwardBatch, LlamaForCausalLM
 from .loader import load_state_dict
-from .lora import load_slot
 
 log = logging.getLogger(__name__)
 
@@ -39,25 +40,29 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_supported(hf_config) -> None:
+    if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model type {hf_config.model_type!r} is not supported; "
+                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+
+
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config, model_dir: str, max_model_len: int):
-        if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model type {hf_config.model_type!r} is not supported; "
-                             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    def __init__(self, config: EngineConfig, hf_config, model_dir: str, max_model_len: int, slots: SlotPool):
+        check_supported(hf_config)
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.slots = slots
         self.block_size = config.block_size
         with torch.device("meta"):
             model = LlamaForCausalLM(hf_config, max_model_len)
         model = model.to_empty(device=self.device).to(self.dtype)
         model.load_hf_weights(load_state_dict(model_dir))
         model.init_rotary(self.dtype)
-        model.init_lora(config.max_loras, config.max_lora_rank)
+        model.attach_lora(slots.layers)
         self.model = model.eval()
         self.num_blocks = config.num_kv_blocks or self._blocks_for_budget(hf_config, config.kv_cache_memory)
         model.init_kv_cache(self.num_blocks + 1, self.block_size)   # + the scratch block of graph padding
-        self.slot_ranks = [0] * config.max_loras
         self.on_logits = None   # test hook: called with (seqs, logits) after each step
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -80,11 +85,6 @@ class ModelRunner:
         per_block = per_token * self.block_size * torch.finfo(self.dtype).bits // 8
         return max(1, budget // per_block)
 
-    def write_slot(self, slot: int, adapter) -> None:
-        with torch.no_grad():
-            load_slot([layer.lora for layer in self.model.layers], slot, adapter)
-        self.slot_ranks[slot] = adapter.rank
-
     @torch.inference_mode()
     def run(self, inputs: list[StepInput]) -> tuple[list[Sequence], torch.Tensor]:
         """Prefill chunks (several tokens) are packed first, then decodes (one token), each
@@ -93,13 +93,13 @@ class ModelRunner:
         prefill = [i for i in by_slot if i.num_tokens > 1]
         decode = [i for i in by_slot if i.num_tokens == 1]
         ordered = prefill + decode
-        ids, positions, slots, token_slots, sample_idx, sample_seqs = [], [], [], [], [], []
+        ids, positions, kv_slots, token_slots, sample_idx, sample_seqs = [], [], [], [], [], []
         for item in ordered:
             seq, start = item.seq, item.seq.num_computed_tokens
             end = start + item.num_tokens
             ids.extend(seq.token_ids()[start:end])
             positions.extend(range(start, end))
-            slots.extend(seq.block_table[p // self.block_size] * self.block_size + p % self.block_size
+            kv_slots.extend(seq.block_table[p // self.block_size] * self.block_size + p % self.block_size
                          for p in range(start, end))
             token_slots.extend([item.slot] * item.num_tokens)
             if end == seq.num_tokens:          # the whole context is in: sample a token
@@ -107,11 +107,11 @@ class ModelRunner:
                 sample_seqs.append(seq)
         decode_lens = [i.seq.num_computed_tokens + 1 for i in decode]
         if not prefill and self.graphs is not None and self.graphs.bucket(len(decode)):
-            step = DecodeInputs(ids, positions, slots, [i.seq.block_table for i in decode], decode_lens,
-                                token_slots, self.slot_ranks)
+            step = DecodeInputs(ids, positions, kv_slots, [i.seq.block_table for i in decode], decode_lens,
+                                token_slots, self.slots.ranks)
             hidden = self.graphs.run(step)
         else:
-            batch = self._forward_batch(prefill, decode, decode_lens, positions, slots, token_slots)
+            batch = self._forward_batch(prefill, decode, decode_lens, positions, kv_slots, token_slots)
             hidden = self.model(self._tensor(ids), batch)
         logits = self.model.compute_logits(hidden[self._tensor(sample_idx)])
         if self.on_logits is not None:
@@ -126,10 +126,10 @@ class ModelRunner:
         rows = [i.seq.block_table + [0] * (width - len(i.seq.block_table)) for i in items]
         return torch.tensor(rows, dtype=torch.int64, device=self.device).view(len(items), width)
 
-    def _forward_batch(self, prefill, decode, decode_lens, positions, slots, token_slots) -> ForwardBatch:
+    def _forward_batch(self, prefill, decode, decode_lens, positions, kv_slots, token_slots) -> ForwardBatch:
         return ForwardBatch(
             positions=self._tensor(positions),
-            slot_mapping=self._tensor(slots),
+            slot_mapping=self._tensor(kv_slots),
             num_prefill_tokens=sum(i.num_tokens for i in prefill),
             prefill_query_lens=[i.num_tokens for i in prefill],
             prefill_context_lens=[i.seq.num_computed_tokens + i.num_tokens for i in prefill],
@@ -137,5 +137,5 @@ class ModelRunner:
             decode_block_tables=self._block_tables(decode),
             decode_context_lens=self._tensor(decode_lens),
             decode_max_context_len=max(decode_lens, default=0),
-            lora=build_lora_meta(token_slots, self.slot_ranks, self.device, self.dtype),
+            lora=build_lora_meta(token_slots, self.slots.ranks, self.device, self.dtype),
         )

@@ -1,4 +1,5 @@
-"""CPU tier (LRU, background loads, failures) and device slots (pins, LRU eviction)."""
+"""CPU tier (LRU, background loads, failures) and the device slot pool (pins, LRU eviction, writes
+queued by pinning and done by write_pending)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from loraserve.adapters import CpuTier, DeviceSlots, Pin
+from loraserve.adapters import CpuTier, Pin, SlotPool
 
 
 @dataclass(frozen=True)
@@ -73,31 +74,43 @@ def test_cpu_tier_reports_failed_loads_once():
 
 
 def slots_with(loaded: dict, max_loras=2):
-    writes = []
-    slots = DeviceSlots(max_loras, lambda slot, w: writes.append(slot), loaded.get)
-    return slots, writes
+    return SlotPool(max_loras, loaded.get)
 
 
-def test_device_slots_pin_evict_lru_unpinned():
-    slots, writes = slots_with({"a": Weights(), "b": Weights(), "c": Weights()})
+def test_slot_pool_pin_evict_lru_unpinned():
+    slots = slots_with({"a": Weights(), "b": Weights(rank=4), "c": Weights()})
     assert slots.try_pin("a") is Pin.PINNED and slots.try_pin("b") is Pin.PINNED
     assert slots.try_pin("c") is Pin.NO_SLOT         # both pinned
+    assert sorted(slots.write_pending()) == [0, 1]   # pinning only queued the copies
+    assert slots.ranks == [8, 4]
     slots.unpin("a")
     assert slots.try_pin("c") is Pin.PINNED          # evicts a
     assert "a" not in slots.slot_of and slots.num_evictions == 1
     assert slots.slot("c") == 0 and slots.slot(None) == -1
+    assert slots.write_pending() == [0] and slots.write_pending() == []
     slots.unpin("b")
     slots.unpin("c")
     assert slots.try_pin("b") is Pin.PINNED and slots.num_hits == 1   # still resident: no copy
-    assert len(writes) == 3
+    assert slots.write_pending() == [] and slots.num_loads == 3
 
 
-def test_device_slots_loading_and_drop():
-    slots, _ = slots_with({"a": Weights()})
+def test_slot_pool_loading_and_drop():
+    slots = slots_with({"a": Weights()})
     assert slots.try_pin("missing") is Pin.LOADING
+    assert slots.take_wanted() == {"missing"} and slots.take_wanted() == set()
     assert slots.try_pin("a") is Pin.PINNED
     slots.drop("a")                                  # pinned: stays
     assert "a" in slots.slot_of
     slots.unpin("a")
-    slots.drop("a")
-    assert "a" not in slots.slot_of and len(slots.free) == 2
+    slots.drop("a")                                  # dropped before its copy: the copy is cancelled
+    assert "a" not in slots.slot_of and len(slots.free) == 2 and slots.write_pending() == []
+
+
+def test_cpu_tier_peek_starts_nothing_and_request_loads():
+    loads = []
+    tier = CpuTier(lambda r: loads.append(r.key) or Weights(), max_entries=2)
+    assert tier.peek("a") is None
+    tier.request(Rec("a"))
+    tier.request(Rec("a"))                           # already loading: one load
+    wait_loaded(tier, Rec("a"))
+    assert loads == ["a"] and tier.peek("a") is not None

@@ -8,7 +8,7 @@ import stat
 import pytest
 
 from loraserve.api.keys import KeyRing, create_key, hash_key, read_keys, revoke_key
-from loraserve.cli import main
+from loraserve.api.cli import main
 
 
 def test_create_stores_only_the_hash(tmp_path):

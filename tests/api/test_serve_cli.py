@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from loraserve.cli import build_parser
+from loraserve.api.cli import build_parser
 
 CLI = [sys.executable, "-m", "loraserve"]
 

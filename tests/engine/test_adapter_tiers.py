@@ -23,7 +23,7 @@ def drain(engine, until=None, max_steps=2000):
     for _ in range(max_steps):
         if not engine.has_unfinished() or (until and until(outs)):
             break
-        for out in engine.step():
+        for out in engine.step().outputs:
             outs.setdefault(out.request_id, []).append(out)
     return outs
 
@@ -57,7 +57,7 @@ def test_three_times_more_adapters_than_slots_all_served_with_bounded_wait(tiny_
     first_token_step, step = {}, 0
     while engine.has_unfinished():
         step += 1
-        for out in engine.step():
+        for out in engine.step().outputs:
             first_token_step.setdefault(out.request_id, step)
         assert step < 500
     assert set(first_token_step) == set(ids)

@@ -189,7 +189,7 @@ def test_hot_swap_keeps_running_requests_on_old_weights(tiny, tmp_path):
     llm.add_adapter("swap", adapters["r8"])                 # new weights under the same name
     old_run = None
     while engine.has_unfinished():
-        for out in engine.step():
+        for out in engine.step().outputs:
             if out.request_id == rid and out.finished:
                 old_run = out.token_ids
     assert old_run == before
@@ -251,7 +251,7 @@ def test_a_failing_request_fails_alone(tiny, monkeypatch):
     monkeypatch.setattr(engine, "_append", explode)
     final = {}
     while engine.has_unfinished():
-        for out in engine.step():
+        for out in engine.step().outputs:
             if out.finished:
                 final[out.request_id] = out
     assert final[victim].finish_reason == "error" and "boom" in final[victim].error
@@ -265,7 +265,7 @@ def test_a_failing_forward_pass_fails_its_batch_only(tiny, monkeypatch):
     first = engine.add_request("first", SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     real_run = engine.runner.run
     monkeypatch.setattr(engine.runner, "run", lambda inputs: (_ for _ in ()).throw(RuntimeError("kernel fault")))
-    outs = engine.step()
+    outs = engine.step().outputs
     assert [o.finish_reason for o in outs] == ["error"] and outs[0].request_id == first
     monkeypatch.setattr(engine.runner, "run", real_run)
     later = llm.generate(["later"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)[0]

@@ -1,4 +1,4 @@
-"""Device slots (loraserve/model/lora.py) hold adapters in the kernels' packed layout:
+"""Device slots (adapters/slot_pool.py) hold adapters in the kernels' packed layout:
 what `LoRAGroup.load` stores, every LoRA implementation reads back as the adapter's
 own delta, scaling included, at any rank up to the buffers' (rounded-up) capacity, and
 reloading a slot with a smaller adapter leaves nothing of the larger one behind."""
@@ -8,7 +8,7 @@ import torch
 
 from loraserve import kernels
 from loraserve.kernels import add_lora_cpu, add_lora_grouped, add_lora_triton, build_lora_meta
-from loraserve.model.lora import LoRAGroup
+from loraserve.adapters import LoRAGroup
 
 HIDDEN, OUTS = 64, [64, 16, 16]          # a qkv-like group
 

@@ -2,6 +2,7 @@
 
 from collections import Counter
 
+from loraserve.adapters.pin import Pin
 from loraserve.block_manager import BlockManager
 from loraserve.scheduler import Scheduler
 from loraserve.sequence import Sequence, SequenceStatus
@@ -15,11 +16,11 @@ class FakePins:
 
     def try_pin(self, key):
         if key in self.loading:
-            return "loading"
+            return Pin.LOADING
         if key not in self.pins and len(self.pins) >= self.slots:
-            return "no_slot"
+            return Pin.NO_SLOT
         self.pins[key] += 1
-        return "pinned"
+        return Pin.PINNED
 
     def is_pinned(self, key):
         return key in self.pins

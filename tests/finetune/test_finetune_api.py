@@ -18,7 +18,7 @@ from loraserve.api import ServerSettings
 from loraserve.api.files import FileStore
 from loraserve.api.jobs import JobManager
 from loraserve.async_engine import AsyncEngine
-from loraserve.cli import main
+from loraserve.api.cli import main
 
 PAIRS = [(f"Question number {i}?", f"Answer {i % 3}.") for i in range(12)]
 GOOD = jsonl(chat_rows(PAIRS))
@@ -75,6 +75,11 @@ def test_files_are_checked_listed_and_per_tenant(served):
     ({"hyperparameters": {"lora_rank": 64}}, "hyperparameters.lora_rank"),
     ({"hyperparameters": {"target_modules": ["embed_tokens"]}}, "hyperparameters.target_modules"),
     ({"hyperparameters": {"n_epochs": "many"}}, "hyperparameters"),
+    ({"hyperparameters": {"n_epochs": "lots"}}, "hyperparameters"),
+    ({"hyperparameters": {"n_epochs": -2}}, "hyperparameters.n_epochs"),
+    ({"hyperparameters": {"batch_size": 0}}, "hyperparameters.batch_size"),
+    ({"hyperparameters": {"learning_rate_multiplier": 0}}, "hyperparameters.learning_rate_multiplier"),
+    ({"hyperparameters": {"learning_rate_multiplier": "lots"}}, "hyperparameters"),
     ({"method": {"type": "dpo"}}, "method.type"),
     ({"suffix": "no/slashes"}, "suffix"),
     ({"training_file": "file-000000000000000000000000"}, "training_file"),
@@ -88,6 +93,8 @@ def test_bad_job_requests(served, change, param):
         r = acme.post("/v1/fine_tuning/jobs", json=body)
     assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, r.text
     assert (r.status_code == 404) == (param == "training_file")
+    for field in change.get("hyperparameters", {}):
+        assert field in r.json()["error"]["message"], r.text       # the message names the field
     if param == "hyperparameters.lora_rank":
         assert "--max-lora-rank 64" in r.json()["error"]["message"]
 

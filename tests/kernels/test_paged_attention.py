@@ -13,55 +13,14 @@ import torch
 
 pytest.importorskip("triton")
 
+from attention_grid import (  # noqa: E402
+    BLOCK_SIZES, CASES, DECODE_CONTEXTS, DTYPES, HEAD_DIMS, HEADS, PREFILL, TOL, case_id, make_cache, qkv_views,
+)
+
 from loraserve.kernels.paged_attention import (  # noqa: E402
     paged_attention_decode, paged_attention_decode_triton, paged_attention_prefill,
     paged_attention_prefill_triton, store_kv, store_kv_triton,
 )
-
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-BLOCK_SIZES = [1, 5, 16, 32]
-HEADS = [(4, 4), (8, 2), (9, 3), (8, 1)]           # (H, H_kv): GQA ratios 1, 4, 3, 8
-HEAD_DIMS = [16, 40, 64, 128]
-TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
-
-DECODE_CONTEXTS = [1, 17, 100, 33, 64]
-# (new tokens, context length): plain prompts (q == ctx) and new tokens after a prefix
-PREFILL = [(7, 7), (5, 37), (1, 64), (33, 33), (20, 21), (16, 100)]
-
-CASES = [dict(dtype=DTYPES[(4 * i + j) % 3], block_size=bs, heads=heads, head_dim=HEAD_DIMS[(i + j) % 4])
-         for i, bs in enumerate(BLOCK_SIZES) for j, heads in enumerate(HEADS)]
-
-
-def _case_id(c: dict) -> str:
-    dt = str(c["dtype"]).removeprefix("torch.")
-    return f"{dt}-bs{c['block_size']}-H{c['heads'][0]}kv{c['heads'][1]}-D{c['head_dim']}"
-
-
-def make_cache(case: dict, context_lens: list[int], device: str, seed: int = 0):
-    """Random caches with more blocks than the sequences own, and block tables that
-    scatter each sequence over a random permutation of them (unused entries 0)."""
-    gen = torch.Generator().manual_seed(seed)
-    bs, (H, H_kv), D = case["block_size"], case["heads"], case["head_dim"]
-    need = [-(-c // bs) for c in context_lens]
-    num_blocks = sum(need) + 3
-    k_cache = torch.randn(num_blocks, bs, H_kv, D, generator=gen)
-    v_cache = torch.randn(num_blocks, bs, H_kv, D, generator=gen)
-    perm = torch.randperm(num_blocks, generator=gen).tolist()
-    tables = torch.zeros(len(context_lens), max(need) + 2, dtype=torch.int64)
-    for i, n in enumerate(need):
-        tables[i, :n] = torch.tensor(perm[sum(need[:i]) : sum(need[:i]) + n])
-    to = dict(device=device, dtype=case["dtype"])
-    return k_cache.to(**to), v_cache.to(**to), tables.to(device)
-
-
-def qkv_views(T: int, case: dict, device: str, seed: int = 1):
-    """q, k, v as strided views of one fused projection output, as the model makes them."""
-    gen = torch.Generator().manual_seed(seed)
-    (H, H_kv), D = case["heads"], case["head_dim"]
-    qkv = torch.randn(T, (H + 2 * H_kv) * D, generator=gen).to(device=device, dtype=case["dtype"])
-    q, k, v = qkv.split([H * D, H_kv * D, H_kv * D], dim=-1)
-    return q.view(T, H, D), k.view(T, H_kv, D), v.view(T, H_kv, D)
-
 
 def check_decode(case: dict, context_lens: list[int], device: str) -> None:
     k_cache, v_cache, tables = make_cache(case, context_lens, device)
@@ -88,7 +47,7 @@ def check_prefill(case: dict, seqs: list[tuple[int, int]], device: str) -> None:
     torch.testing.assert_close(f(out), expected, atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_store_kv(case, device):
     k_cache, v_cache, _ = make_cache(case, [40], device)
     _, k, v = qkv_views(9, case, device)
@@ -100,12 +59,12 @@ def test_store_kv(case, device):
     assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
 
 
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_decode(case, device):
     check_decode(case, DECODE_CONTEXTS, device)
 
 
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_prefill_with_cached_prefix(case, device):
     check_prefill(case, PREFILL, device)
 

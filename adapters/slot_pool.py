@@ -1,0 +1,179 @@
+"""The device tier: which adapter sits in which slot at which rank, and the device
+buffers that hold them, packed as the LoRA kernels read them (kernels/sgmv.py).
+
+Two halves, kept apart so that scheduling never moves weights:
+- bookkeeping (`try_pin`, `unpin`, eviction), which the scheduler calls while it decides
+  a step. A pin that needs a slot reserves one and queues the write; a pin whose weights
+  are not in CPU memory yet asks for them. Both only record what to do;
+- `write_pending()`, which the engine calls once per step after scheduling: the copies
+  to the device happen there and only there.
+
+A running request pins its adapter's slot; an adapter that no request pins stays
+resident (a later request for it is free) until a slot is needed, then the least
+recently used unpinned one is evicted. Slot -1 means "no adapter" and is never stored.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from loraserve.kernels.sgmv import capacity_rank, row_width
+
+from .base_spec import BaseModelSpec
+from .pin import Pin
+
+# The fused projection groups the slot buffers are laid out in, each group's PEFT
+# modules in the order of the fused output's columns.
+GROUP_MODULES = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+                 "down": ("down_proj",)}
+
+
+@dataclass
+class LoRAGroup:
+    """Slot buffers of one fused projection (e.g. q,k,v of one layer)."""
+    A: torch.Tensor                    # [max_loras, in, r_cap, n_proj], slots packed: see kernels/sgmv.py
+    Bs: list[torch.Tensor]             # per projection [max_loras, r_cap, out_p], scale folded in
+    out_slices: list[tuple[int, int]]  # (column offset, width) of each projection in the fused output
+
+    @classmethod
+    def empty(cls, in_features: int, outs: list[int], max_loras: int, r_max: int, dtype, device):
+        offsets = [sum(outs[:i]) for i in range(len(outs))]
+        r_max = capacity_rank(r_max)
+        return cls(
+            A=torch.zeros(max_loras, in_features, r_max, len(outs), dtype=dtype, device=device),
+            Bs=[torch.zeros(max_loras, r_max, o, dtype=dtype, device=device) for o in outs],
+            out_slices=list(zip(offsets, outs)),
+        )
+
+    def load(self, slot: int, rank: int, pairs: list[tuple[torch.Tensor, torch.Tensor] | None],
+             scaling: float) -> None:
+        """Write one adapter into `slot`: pairs[p] = (lora_a [rank, in], lora_b [out_p, rank])
+        as PEFT stores them, or None where the adapter does not target projection p (its
+        columns stay zero). A is packed on the host and copied in one piece, each B in one."""
+        in_features, n_proj = self.A.shape[1], self.A.shape[3]
+        width = row_width(rank, n_proj)
+        packed = torch.zeros(in_features, width, dtype=self.A.dtype)
+        ranks = packed[:, : rank * n_proj].view(in_features, rank, n_proj)
+        for p, pair in enumerate(pairs):
+            if pair is not None:
+                ranks[:, :, p] = pair[0].t()
+        self.A[slot].view(-1)[: in_features * width].copy_(packed.view(-1))
+        for B, pair in zip(self.Bs, pairs):
+            rows = torch.zeros(rank, B.shape[2]) if pair is None else pair[1].t().float() * scaling
+            B[slot, :rank].copy_(rows.to(B.dtype))
+
+
+def group_shapes(spec: BaseModelSpec) -> dict[str, tuple[int, list[int]]]:
+    """group -> (in_features, [out_features of each projection]) of one decoder layer."""
+    return {group: (spec.module_shape(modules[0])[0], [spec.module_shape(m)[1] for m in modules])
+            for group, modules in GROUP_MODULES.items()}
+
+
+class SlotPool:
+    def __init__(self, max_loras: int, fetch: Callable[[str], object | None],
+                 layers: list[dict[str, LoRAGroup]] | None = None):
+        """fetch(key) returns an adapter's weights when they are in CPU memory, else None;
+        it must not start a load (the pool records the key in `wanted` instead). `layers`
+        are the device buffers, one dict of groups per decoder layer; without them the
+        pool only keeps books (the tests of eviction need no tensors)."""
+        self.max_loras = max_loras
+        self.fetch = fetch
+        self.layers = layers or []
+        self.slot_of: dict[str, int] = {}
+        self.ranks = [0] * max_loras           # ranks[s]: rank of the adapter in slot s (0 = empty)
+        self.pins: Counter[str] = Counter()
+        self.unpinned: OrderedDict[str, None] = OrderedDict()   # resident, evictable, LRU first
+        self.free = list(range(max_loras - 1, -1, -1))
+        self.pending: dict[int, object] = {}    # slot -> weights reserved this step, not yet on the device
+        self.wanted: set[str] = set()           # asked for while not in CPU memory: to load
+        self.num_loads = 0
+        self.num_evictions = 0
+        self.num_hits = 0
+
+    @classmethod
+    def allocate(cls, spec: BaseModelSpec, max_loras: int, fetch, dtype: torch.dtype,
+                 device: torch.device | str) -> "SlotPool":
+        """A pool with zeroed device buffers for every layer of `spec`, sized to its max_lora_rank."""
+        shapes = group_shapes(spec)
+        layers = [{g: LoRAGroup.empty(i, outs, max_loras, spec.max_lora_rank, dtype, device)
+                   for g, (i, outs) in shapes.items()} for _ in range(spec.num_hidden_layers)]
+        return cls(max_loras, fetch, layers)
+
+    # -- bookkeeping (the scheduler's side) ----------------------------------------------
+    def try_pin(self, key: str) -> Pin:
+        if key in self.slot_of:
+            self.num_hits += 1
+        else:
+            adapter = self.fetch(key)
+            if adapter is None:
+                self.wanted.add(key)
+                return Pin.LOADING
+            if not self.free and not self.unpinned:
+                return Pin.NO_SLOT
+            self._reserve(key, adapter)
+        self.pins[key] += 1
+        self.unpinned.pop(key, None)
+        return Pin.PINNED
+
+    def is_pinned(self, key: str) -> bool:
+        return key in self.pins
+
+    def unpin(self, key: str) -> None:
+        self.pins[key] -= 1
+        if self.pins[key] == 0:
+            del self.pins[key]
+            self.unpinned[key] = None
+
+    def slot(self, key: str | None) -> int:
+        return -1 if key is None else self.slot_of[key]
+
+    def drop(self, key: str) -> None:
+        """Forget a resident adapter that no request pins (deleted, or replaced by an
+        in-place load); a pinned one stays until its requests end."""
+        if key in self.slot_of and key not in self.pins:
+            self.unpinned.pop(key, None)
+            slot = self.slot_of.pop(key)
+            self.pending.pop(slot, None)
+            self.free.append(slot)
+
+    @property
+    def num_used(self) -> int:
+        return len(self.slot_of)
+
+    def _reserve(self, key: str, adapter) -> None:
+        if not self.free:
+            victim, _ = self.unpinned.popitem(last=False)
+            self.free.append(self.slot_of.pop(victim))
+            self.num_evictions += 1
+        slot = self.free.pop()
+        self.slot_of[key] = slot
+        self.ranks[slot] = adapter.rank
+        self.pending[slot] = adapter
+        self.num_loads += 1
+
+    # -- weights (the engine's side, once per step) --------------------------------------
+    def write_pending(self) -> list[int]:
+        """Copy every adapter reserved since the last call into its slot; returns the slots written."""
+        written = sorted(self.pending)
+        with torch.no_grad():
+            for slot in written:
+                self.write(slot, self.pending[slot])
+        self.pending.clear()
+        return written
+
+    def take_wanted(self) -> set[str]:
+        wanted, self.wanted = self.wanted, set()
+        return wanted
+
+    def write(self, slot: int, adapter) -> None:
+        """Copy an adapter (adapters.LoRAAdapter) into `slot` of every layer's groups."""
+        for layer, groups in enumerate(self.layers):
+            for name, group in groups.items():
+                pairs = [(adapter.lora_a[layer, m], adapter.lora_b[layer, m]) if (layer, m) in adapter.lora_a
+                         else None for m in GROUP_MODULES[name]]
+                group.load(slot, adapter.rank, pairs, adapter.scaling)
+        self.ranks[slot] = adapter.rank
