@@ -1,8 +1,9 @@
 """Fine-tune then serve, end to end on the embedded SmolLM2 through the official `openai`
-client: a job teaches the base a behaviour it does not have (answer every question with
-a fixed code word), the served adapter shows it on held-out questions the moment the job
-ends, serving keeps running while the job trains, and the adapter the job wrote gives
-the same greedy answers in plain transformers + PEFT."""
+client, with no hyperparameters given (OpenAI's "auto" for all of them): a job teaches the
+base a behaviour it does not have (answer every question with a fixed code word), the
+served adapter shows it on held-out questions the moment the job ends, serving keeps
+answering while the job trains, and the adapter the job wrote gives the same greedy
+answers in plain transformers + PEFT."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from ftkit import chat_rows, jsonl, live_server, tenant_keys, wait_status
 
 from loraserve import EngineConfig
+from loraserve.adapters.finetune import auto_hyperparameters, mean_example_tokens
 from loraserve.api import ServerSettings
 from loraserve.async_engine import AsyncEngine
 
@@ -41,7 +43,6 @@ HELD_OUT = [
     "What is 10 times 3?", "Who discovered penicillin?", "What is the color of grass?",
     "How do I tie a tie?", "What is the freezing point of water?",
 ]
-HYPER = {"n_epochs": 2, "batch_size": 8, "learning_rate_multiplier": 10, "lora_rank": 8, "max_seq_len": 96}
 
 
 @pytest.fixture(scope="module")
@@ -70,52 +71,58 @@ def pass_rate(texts: list[str]) -> float:
     return sum(CODE in t for t in texts) / len(texts)
 
 
-def throughput(client, model: str, n: int = 4, max_tokens: int = 32) -> float:
-    """Generated tokens per second over n concurrent requests."""
+def serve_burst(client, model: str, n: int = 4, max_tokens: int = 16) -> int:
+    """n concurrent requests; returns how many came back whole."""
     def one(i):
         r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": f"Count to {i + 20}."}],
                                            max_tokens=max_tokens, temperature=0, extra_body={"ignore_eos": True})
-        return r.usage.completion_tokens
-    start = time.monotonic()
+        return r.usage.completion_tokens == max_tokens
     with ThreadPoolExecutor(n) as pool:
-        tokens = sum(pool.map(one, range(n)))
-    return tokens / (time.monotonic() - start)
+        return sum(pool.map(one, range(n)))
+
+
+def latest_step(client, job_id: str) -> int:
+    events = client.fine_tuning.jobs.list_events(job_id, limit=5).data        # newest first
+    return max((e.data["step"] for e in events if e.type == "metrics" and "step" in e.data), default=0)
 
 
 def test_finetune_then_serve(served, smollm_dir):
     app, client = served
     base = app.state.ctx.model_id
     before = pass_rate(answers(client, base, HELD_OUT))
-    idle_tps = throughput(client, base)
 
-    training_file = client.files.create(file=("zebra.jsonl", jsonl(chat_rows([(q, ANSWER) for q in TRAIN]))),
-                                        purpose="fine-tune")
-    started = time.monotonic()
-    job = client.fine_tuning.jobs.create(training_file=training_file.id, model=base, suffix="zebra", seed=0,
-                                         hyperparameters=HYPER)
-    stepping = wait_status(lambda: "step" if any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(
-        job.id, limit=5).data) else client.fine_tuning.jobs.retrieve(job.id).status, ("step", "failed"), 120)
+    rows = chat_rows([(q, ANSWER) for q in TRAIN])
+    training_file = client.files.create(file=("zebra.jsonl", jsonl(rows)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(training_file=training_file.id, model=base, suffix="zebra", seed=0)
+    auto = auto_hyperparameters(len(rows), mean_example_tokens(rows))
+    assert (job.hyperparameters.n_epochs, job.hyperparameters.batch_size,
+            job.hyperparameters.learning_rate_multiplier) == (auto.n_epochs, auto.batch_size,
+                                                              auto.learning_rate_multiplier)
+    stepping = wait_status(lambda: "step" if latest_step(client, job.id) else client.fine_tuning.jobs.retrieve(
+        job.id).status, ("step", "failed"), 300)
     assert stepping == "step", client.fine_tuning.jobs.retrieve(job.id).error
-    busy_tps = throughput(client, base)
-    overlapped = client.fine_tuning.jobs.retrieve(job.id).status == "running"
+    # training is another process: the engine keeps answering while the job takes its steps
+    first_step, served_meanwhile = latest_step(client, job.id), 0
+    deadline = time.monotonic() + 300
+    while latest_step(client, job.id) <= first_step and time.monotonic() < deadline:
+        served_meanwhile += serve_burst(client, base)
+    assert latest_step(client, job.id) > first_step and served_meanwhile >= 4, served_meanwhile
 
-    status = wait_status(lambda: client.fine_tuning.jobs.retrieve(job.id).status, ("succeeded", "failed"), 240)
+    status = wait_status(lambda: client.fine_tuning.jobs.retrieve(job.id).status, ("succeeded", "failed"), 600)
     job = client.fine_tuning.jobs.retrieve(job.id)
     assert status == "succeeded", job.error
-    job_seconds = time.monotonic() - started
     after_texts = answers(client, job.fine_tuned_model, HELD_OUT)
     after = pass_rate(after_texts)
     alias = pass_rate(answers(client, "zebra", HELD_OUT[:2]))
-    events = client.fine_tuning.jobs.list_events(job.id, limit=200).data
+    events = client.fine_tuning.jobs.list_events(job.id, limit=1000).data
     eval_losses = [e.data["valid_loss"] for e in events if e.type == "metrics" and "valid_loss" in e.data]
     print(f"\nheld-out pass rate: base {before:.0%}, fine-tuned {after:.0%} ({job.fine_tuned_model}), "
-          f"alias 'zebra' {alias:.0%}; job {job_seconds:.0f} s, {job.trained_tokens} tokens, "
-          f"eval losses {[round(x, 3) for x in reversed(eval_losses)]}; serving throughput {idle_tps:.1f} tok/s "
-          f"idle, {busy_tps:.1f} tok/s while training (overlapped: {overlapped})")
+          f"alias 'zebra' {alias:.0%}; auto {auto}; {job.trained_tokens} tokens, "
+          f"eval losses {[round(x, 3) for x in reversed(eval_losses)]}; {served_meanwhile} requests served "
+          f"while training took one step")
     assert before == 0.0
     assert after >= 0.875, after_texts
-    assert alias == 1.0 and len(eval_losses) == HYPER["n_epochs"]
-    assert busy_tps > 0.2 * idle_tps     # training is another process: the engine loop never stalls
+    assert alias == 1.0 and len(eval_losses) == auto.n_epochs
 
     # the job's adapter, loaded in plain transformers + PEFT, answers exactly as loraserve serves it
     from peft import PeftModel
