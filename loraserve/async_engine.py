@@ -35,7 +35,10 @@ class _Stream:
     queue: asyncio.Queue
 
     def put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:    # the caller's event loop has closed: nobody listens, and the engine goes on
+            pass
 
 
 class AsyncEngine:
