@@ -51,6 +51,10 @@ CANCELLABLE = ("validating", "in_progress")
 ENDED = {"finalizing": "completed", "cancelling": "cancelled"}     # the last status, unless an outcome was decided
 
 
+class EngineStopped(Exception):
+    """The engine has stopped (the server is going down): leave the batch for the next start."""
+
+
 @dataclass
 class Batch:
     id: str
@@ -222,6 +226,8 @@ class BatchManager:
             await to_thread.run_sync(self._finalize, batch)
         except asyncio.CancelledError:
             raise               # shutdown: the batch stays as it is on disk; the next start resumes it
+        except EngineStopped:
+            log.warning("batch %s: the engine stopped; the next start resumes the batch", batch.id)
         except Exception as e:  # noqa: BLE001 - a batch must end, whatever broke
             log.exception("batch %s failed", batch.id)
             self._fail(batch, "internal_error", f"{type(e).__name__}: {e}")
@@ -231,23 +237,34 @@ class BatchManager:
         caller = Caller(batch.tenant, batch.admin)
         running = self._lines.setdefault(batch.id, set())
         done = self._done[batch.id]
+        broken: list[BaseException] = []      # what ended a line other than an answer or a cancel
+
+        def finished(task: asyncio.Task) -> None:
+            running.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                broken.append(task.exception())
+
         for line in lines:
             if line.custom_id in done:
                 continue
             await self._slots.acquire()
-            if batch.status != "in_progress" or self._expired(batch):
+            if batch.status != "in_progress" or self._expired(batch) or broken:
                 self._slots.release()
                 break
             task = asyncio.create_task(self._run_line(batch, line, caller))
             running.add(task)
-            task.add_done_callback(running.discard)
+            task.add_done_callback(finished)
         await asyncio.gather(*running, return_exceptions=True)
+        if broken:
+            raise next((e for e in broken if isinstance(e, EngineStopped)), broken[0])
 
     async def _run_line(self, batch: Batch, line: BatchLine, caller: Caller) -> None:
         try:
             status, body = await self.requests.answer(batch.endpoint, line.body, caller)
         finally:
             self._slots.release()
+        if body.get("error", {}).get("code") == "engine_dead":
+            raise EngineStopped()   # not this line's fault: it stays unanswered, for the next start
         self._record(batch, answered(line.custom_id, status, body), ok=status == 200)
 
     def _abort_lines(self, batch_id: str) -> None:
@@ -345,6 +362,14 @@ class BatchManager:
     def _partial(self, batch: Batch, kind: str) -> str:
         return os.path.join(self.dir, batch.tenant, f"{batch.id}.{kind}.jsonl")
 
+    def _written(self, batch: Batch, kind: str) -> str:
+        """Where a batch's answered lines of one kind are: its partial file, or, if a
+        restart came between adopting it and the last status, the store's file."""
+        file_id = batch.result_ids[kind == "errors"] if batch.result_ids else None
+        if file_id is not None and self.files.exists(batch.tenant, file_id):
+            return self.files.data_path(self.files.get(batch.tenant, file_id))
+        return self._partial(batch, kind)
+
     def _persist(self, batch: Batch) -> None:
         folder = os.path.join(self.dir, batch.tenant)
         if not os.path.isdir(folder):
@@ -369,7 +394,7 @@ class BatchManager:
             batch.completed = batch.failed = batch.input_tokens = batch.output_tokens = 0
             self._done[batch.id] = set()
             for kind in ("output", "errors"):
-                for entry in _read_lines(self._partial(batch, kind)):
+                for entry in _read_lines(self._written(batch, kind)):
                     self._done[batch.id].add(entry["custom_id"])
                     self._count(batch, entry, ok=kind == "output")
             unfinished.append(batch)

@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import json
 import os
+import platform
 import signal
 import socket
 import statistics
@@ -34,7 +35,9 @@ import tempfile
 import time
 
 import httpx
+from results_md import write_section   # benchmarks/ is on the path of a script run from it
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 TOPICS = ["the sea", "a robot", "a small town", "the moon", "a lost key", "winter", "a library", "a train"]
 
 
@@ -192,22 +195,36 @@ async def run(args, url: str) -> int:
                 results, info = await phase(client, args, model, *extra, per_round)
                 phases[name][0].extend(results)
                 phases[name][1].append(info)
-    idle = phases["idle"][0]
-    print(f"\nmodel {model}; {per_round * args.rounds} probes per phase in {args.rounds} rounds "
-          f"({args.probe_tokens} tokens, greedy, one at a time, {args.gap} s apart); a new batch of {args.lines} "
-          f"lines of {args.batch_tokens} tokens each round, --batch-concurrency {args.concurrency}\n")
-    print("| phase | TTFT p50 (ms) | TTFT p90 (ms) | TTFT p50 / idle | ITL p50 (ms) | ITL p50 / idle | "
-          "load requests answered meanwhile |")
-    print("|---|---|---|---|---|---|---|")
-    print(row("idle", idle, [], idle))
-    print(row(f"{args.lines}-line batch running", *phases["batch"], idle=idle))
-    if args.control:
-        print(row(f"same load as interactive requests ({args.concurrency} at a time)", *phases["control"], idle=idle))
-    ratio = statistics.median(t for t, _ in phases["batch"][0]) / statistics.median(t for t, _ in idle)
-    print(f"\ninteractive TTFT p50 with the batch running / without: {ratio:.2f}")
-    if not all(info["running"] for info in phases["batch"][1]):
-        print("NOTE: a batch ended before its probes did, so some probes ran without it: run with more --lines")
+    report = table(args, model, per_round, phases)
+    print("\n" + report)
+    if args.write:
+        write_section(os.path.join(HERE, "RESULTS.md"), "batch_latency.py", report)
     return 0
+
+
+def table(args, model: str, per_round: int, phases: dict) -> str:
+    idle = phases["idle"][0]
+    lines = [
+        "## Interactive latency while a batch runs (benchmarks/batch_latency.py)", "",
+        "`" + " ".join(["python benchmarks/batch_latency.py", *sys.argv[1:]]) + "`", "",
+        f"model {model}; {per_round * args.rounds} probes per phase in {args.rounds} rounds ({args.probe_tokens} "
+        f"tokens, greedy, one at a time, {args.gap} s apart); a new batch of {args.lines} lines of "
+        f"{args.batch_tokens} tokens each round, --batch-concurrency {args.concurrency}; "
+        f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end", "",
+        "| phase | TTFT p50 (ms) | TTFT p90 (ms) | TTFT p50 / idle | ITL p50 (ms) | ITL p50 / idle | "
+        "load requests answered meanwhile |",
+        "|---|---|---|---|---|---|---|",
+        row("idle", idle, [], idle),
+        row(f"{args.lines}-line batch running", *phases["batch"], idle=idle),
+    ]
+    if args.control:
+        lines.append(row(f"same load as interactive requests ({args.concurrency} at a time)", *phases["control"],
+                         idle=idle))
+    ratio = statistics.median(t for t, _ in phases["batch"][0]) / statistics.median(t for t, _ in idle)
+    lines += ["", f"interactive TTFT p50 with the batch running / without: {ratio:.2f}"]
+    if not all(info["running"] for info in phases["batch"][1]):
+        lines.append("NOTE: a batch ended before its probes did, so some probes ran without it: run with more --lines")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-tokens", type=int, default=8, help="max_tokens of each probe (default: 8)")
     p.add_argument("--gap", type=float, default=0.25, help="seconds between probes (default: 0.25)")
     p.add_argument("--no-control", dest="control", action="store_false", help="skip the control phase")
+    p.add_argument("--write", action="store_true", help="put the table into benchmarks/RESULTS.md (its own section)")
     args = p.parse_args(argv)
     if args.url:
         return asyncio.run(run(args, args.url))

@@ -17,6 +17,7 @@ from livekit import LiveServer, tiny_engine, wait_until
 
 from loraserve.api import ServerSettings
 from loraserve.api.keys import create_key
+from loraserve.scheduler import BATCH_PRIORITY
 
 ENDED = ("completed", "failed", "cancelled", "expired")
 
@@ -228,12 +229,22 @@ def slow_lines(model: str, n: int, max_tokens: int = 24) -> list[dict]:
             for i in range(n)]
 
 
+def engine_priorities(core) -> set[int] | None:
+    """The priorities of the engine's requests now (read from this thread: retried if the dict moves)."""
+    try:
+        return {seq.priority for seq in list(core.requests.values())}
+    except RuntimeError:
+        return None
+
+
 def test_cancel_stops_the_batch_keeps_what_was_answered_and_frees_its_blocks(served):
     server, keys = served
     c = client(server, keys["acme"])
     lines = slow_lines(server.ctx.model_id, 40)
     batch = c.batches.create(input_file_id=upload(c, lines), endpoint="/v1/chat/completions",
                              completion_window="24h")
+    core = server.engine.engine
+    assert wait_until(lambda: engine_priorities(core) == {BATCH_PRIORITY}, 60)    # behind interactive traffic
     assert wait_until(lambda: c.batches.retrieve(batch.id).request_counts.completed >= 2, 60)
     cancelled = c.batches.cancel(batch.id)
     assert cancelled.status in ("cancelling", "cancelled") and cancelled.cancelling_at
@@ -242,7 +253,6 @@ def test_cancel_stops_the_batch_keeps_what_was_answered_and_frees_its_blocks(ser
     counts = batch.request_counts
     assert counts.total == 40 and 2 <= counts.completed < 40 and counts.failed == 0
     assert len(results(c, batch.output_file_id)) == counts.completed
-    core = server.engine.engine
     assert wait_until(lambda: not core.requests and core.blocks.num_used_blocks == 0, 10)
     assert c.batches.cancel(batch.id).status == "cancelled"     # twice is harmless
     assert c.batches.retrieve(batch.id).request_counts.completed == counts.completed
