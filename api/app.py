@@ -8,7 +8,8 @@ from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import adapters_routes, chat, completions, files_routes, finetune_routes, ops_routes, vllm_compat
+from . import adapters_routes, batches_routes, chat, completions, files_routes, finetune_routes, ops_routes, vllm_compat
+from .batches import batch_service
 from .context import ServeContext
 from .errors import APIError, install_error_handlers
 from .metrics import CountRequests
@@ -23,8 +24,10 @@ def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
                   description="One base model, many LoRA adapters, OpenAI-compatible. The `model` field names the "
                               "base model or an adapter (name, name@version, owner/name, base:name).")
     app.state.ctx = ServeContext.build(engine, settings)
+    app.state.ctx.batches = batch_service(app.state.ctx)    # it answers lines through the routes: built after them
     install_error_handlers(app)
-    for module in (completions, chat, ops_routes, adapters_routes, vllm_compat, files_routes, finetune_routes):
+    for module in (completions, chat, ops_routes, adapters_routes, vllm_compat, files_routes, finetune_routes,
+                   batches_routes):
         app.include_router(module.router)
     app.openapi = lambda: _openapi(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, exempt=("/v1/adapters", "/v1/files"))

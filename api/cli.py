@@ -29,7 +29,16 @@ def add_serve_parser(sub) -> None:
                                    "embedded SmolLM2-135M-Instruct on 127.0.0.1:8000. SIGTERM drains and exits 0.")
     add_server_flags(p)
     add_finetune_flags(p)
+    add_batch_flags(p)
     add_engine_args(p)
+
+
+def add_batch_flags(p: argparse.ArgumentParser) -> None:
+    """/v1/batches (api/batches_routes.py)."""
+    g = p.add_argument_group("batches")
+    g.add_argument("--batch-concurrency", type=int, default=8, metavar="N",
+                   help="Batch API requests running at once, all batches together; they run behind interactive "
+                        "requests, which preempt them (default: 8; 0 turns the Batch API off)")
 
 
 def add_finetune_flags(p: argparse.ArgumentParser) -> None:
@@ -118,7 +127,8 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
                           finetune_dir=getattr(args, "finetune_dir", None),
                           max_file_bytes=getattr(args, "max_file_bytes", 64 << 20),
                           max_finetune_jobs=getattr(args, "max_finetune_jobs", 0),    # serve-ray: off
-                          finetune_threads=getattr(args, "finetune_threads", 1))
+                          finetune_threads=getattr(args, "finetune_threads", 1),
+                          batch_concurrency=getattr(args, "batch_concurrency", 0))             # serve-ray: off
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ class ServeContext:
     started_at: float = field(default_factory=time.time)
     files: object | None = None     # api.files.FileStore; None when fine-tuning is off
     jobs: object | None = None      # api.jobs.JobManager; None when fine-tuning is off
+    batches: object | None = None   # api.batches.BatchManager, set by build_app; None when the Batch API is off
 
     @classmethod
     def build(cls, engine, settings: ServerSettings) -> "ServeContext":

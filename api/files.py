@@ -1,9 +1,11 @@
-"""Training files, per tenant and durable: what POST /v1/files keeps for fine-tuning jobs.
+"""Files, per tenant and durable: what POST /v1/files keeps for fine-tuning jobs (purpose
+"fine-tune") and batches ("batch"), and the result files batches write ("batch_output").
 
     <root>/files/<tenant>/<file id>.jsonl    the bytes as uploaded
     <root>/files/<tenant>/<file id>.json     {id, bytes, created_at, filename, purpose, format, examples}
 
-A file is checked line by line before anything is written (adapters.finetune_data); the
+A file is checked line by line before anything is written (adapters.finetune_data, or
+batch_lines for a batch's requests); the
 data is written durably before its metadata, and only a file with metadata exists, so a
 crash leaves at most an orphan .jsonl, which start-up removes. Another tenant's file
 answers 404 exactly like a missing one.
@@ -21,9 +23,13 @@ from dataclasses import asdict, dataclass
 from loraserve.adapters.durable import fsync_dir, write_file_atomic
 from loraserve.adapters.finetune_data import DataError, parse_jsonl
 
+from .batch_lines import BatchFileError, parse_objects
 from .errors import APIError
 
 PURPOSE = "fine-tune"
+BATCH = "batch"                 # a Batch API input file
+BATCH_OUTPUT = "batch_output"   # a batch's output or error file, written by the server
+UPLOAD_PURPOSES = (PURPOSE, BATCH)
 
 
 @dataclass(frozen=True)
@@ -34,8 +40,8 @@ class StoredFile:
     created_at: int
     filename: str
     purpose: str
-    format: str         # finetune_data.CHAT or COMPLETION
-    examples: int
+    format: str         # finetune_data.CHAT or COMPLETION; "batch" for batch files
+    examples: int       # training examples, or a batch file's lines
 
     def to_openai(self) -> dict:
         return {"id": self.id, "object": "file", "bytes": self.bytes, "created_at": self.created_at,
@@ -55,35 +61,52 @@ class FileStore:
 
     def add(self, tenant: str, filename: str, purpose: str, data: bytes) -> StoredFile:
         """Check, then store durably; raises APIError 400/413 naming the problem."""
-        if purpose != PURPOSE:
+        if purpose not in UPLOAD_PURPOSES:
             raise APIError(400, f"purpose {purpose!r} is not supported; this server keeps files for fine-tuning "
-                                f"only: upload with purpose={PURPOSE!r}", "purpose", "invalid_purpose")
+                                f"(purpose={PURPOSE!r}) and for batches (purpose={BATCH!r})", "purpose",
+                           "invalid_purpose")
         if len(data) > self.max_bytes:
             raise APIError(413, f"the file is {len(data)} bytes; this server takes at most {self.max_bytes} "
                                 "(--max-file-bytes)", "file", "file_too_large")
-        try:
-            parsed = parse_jsonl(data)
-        except DataError as e:
-            raise APIError(400, f"invalid training file {filename!r}: {e}", "file", "invalid_file") from None
+        file_format, examples = _check(filename, purpose, data)
         record = StoredFile(id=f"file-{uuid.uuid4().hex[:24]}", tenant=tenant, bytes=len(data),
                             created_at=int(time.time()), filename=os.path.basename(filename) or "upload.jsonl",
-                            purpose=purpose, format=parsed.format, examples=len(parsed.examples))
-        folder = os.path.join(self.dir, tenant)
-        if not os.path.isdir(folder):
-            os.makedirs(folder, exist_ok=True)
-            fsync_dir(self.dir)
+                            purpose=purpose, format=file_format, examples=examples)
+        self._make_folder(tenant)
         write_file_atomic(self.data_path(record), data, self.tmp)
         write_file_atomic(self._meta_path(tenant, record.id), json.dumps(asdict(record)).encode(), self.tmp)
         with self._lock:
             self._files[(tenant, record.id)] = record
         return record
 
-    def get(self, tenant: str, file_id: str, param: str = "file_id") -> StoredFile:
+    def adopt(self, tenant: str, file_id: str, filename: str, purpose: str, path: str, lines: int) -> StoredFile:
+        """Take a file the server wrote (a batch's results) into the store under `file_id`,
+        by rename: no copy, and it appears whole or not at all."""
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+        record = StoredFile(id=file_id, tenant=tenant, bytes=os.path.getsize(path), created_at=int(time.time()),
+                            filename=filename, purpose=purpose, format=BATCH, examples=lines)
+        self._make_folder(tenant)
+        os.replace(path, self.data_path(record))
+        write_file_atomic(self._meta_path(tenant, record.id), json.dumps(asdict(record)).encode(), self.tmp)
+        with self._lock:
+            self._files[(tenant, record.id)] = record
+        return record
+
+    def exists(self, tenant: str, file_id: str) -> bool:
+        with self._lock:
+            return (tenant, file_id) in self._files
+
+    def get(self, tenant: str, file_id: str, param: str = "file_id", purpose: str | None = None) -> StoredFile:
+        """The tenant's file; with `purpose`, a 400 when the file was uploaded for another."""
         with self._lock:
             record = self._files.get((tenant, file_id))
         if record is None:
             raise APIError(404, f"no file {file_id!r} for this tenant; GET /v1/files lists yours", param,
                            "file_not_found")
+        if purpose is not None and record.purpose != purpose:
+            raise APIError(400, f"file {file_id!r} was uploaded with purpose {record.purpose!r}; this needs a file "
+                                f"uploaded with purpose {purpose!r}", param, "invalid_file_purpose")
         return record
 
     def list(self, tenant: str, purpose: str | None = None) -> list[StoredFile]:
@@ -105,6 +128,12 @@ class FileStore:
         with open(self.data_path(record), "rb") as f:
             return f.read()
 
+    def _make_folder(self, tenant: str) -> None:
+        folder = os.path.join(self.dir, tenant)
+        if not os.path.isdir(folder):
+            os.makedirs(folder, exist_ok=True)
+            fsync_dir(self.dir)
+
     def data_path(self, record: StoredFile) -> str:
         return os.path.join(self.dir, record.tenant, f"{record.id}.jsonl")
 
@@ -125,6 +154,18 @@ class FileStore:
                         record = StoredFile(**json.loads(f.read()))
                     found[(tenant, record.id)] = record
         return found
+
+
+def _check(filename: str, purpose: str, data: bytes) -> tuple[str, int]:
+    """(format, examples) of an upload; a 400 naming the first bad line."""
+    try:
+        if purpose == BATCH:
+            return BATCH, len(parse_objects(data))
+        parsed = parse_jsonl(data)
+        return parsed.format, len(parsed.examples)
+    except (DataError, BatchFileError) as e:
+        kind = "batch" if purpose == BATCH else "training"
+        raise APIError(400, f"invalid {kind} file {filename!r}: {e}", "file", "invalid_file") from None
 
 
 def _remove(path: str) -> None:

@@ -1,8 +1,9 @@
-"""/v1/files, OpenAI's Files API for fine-tuning: upload (multipart `file` + `purpose`),
-list, inspect, read back, delete; per tenant (another tenant's file is a 404).
+"""/v1/files, OpenAI's Files API for fine-tuning and batches: upload (multipart `file` +
+`purpose`), list, inspect, read back, delete; per tenant (another tenant's file is a 404).
 
 An upload is checked line by line before it is stored: a bad line is a 400 naming the
-line number and the problem (adapters.finetune_data).
+line number and the problem (adapters.finetune_data; batch_lines for purpose "batch").
+A batch's results come back here as files of purpose "batch_output".
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from starlette.responses import Response
 
 from .auth import Caller, authenticate
 from .errors import APIError
-from .files import PURPOSE, FileStore
+from .files import PURPOSE, UPLOAD_PURPOSES, FileStore
 from .uploads import read_capped_form
 
 router = APIRouter(tags=["files"])
@@ -22,8 +23,9 @@ router = APIRouter(tags=["files"])
 
 UPLOAD_BODY = {"required": True, "content": {"multipart/form-data": {"schema": {
     "type": "object", "required": ["file", "purpose"],
-    "properties": {"file": {"type": "string", "format": "binary", "description": "JSONL training data"},
-                   "purpose": {"type": "string", "enum": [PURPOSE]}}}}}}
+    "properties": {"file": {"type": "string", "format": "binary",
+                            "description": "JSONL: training data, or a batch's requests"},
+                   "purpose": {"type": "string", "enum": list(UPLOAD_PURPOSES)}}}}}}
 
 
 def finetune_service(request: Request, name: str):
@@ -50,17 +52,17 @@ def page(items: list, after: str | None, limit: int) -> dict:
 
 
 @router.post("/v1/files", openapi_extra={"requestBody": UPLOAD_BODY},
-             summary="Upload a JSONL training file (purpose=fine-tune), checked line by line")
+             summary="Upload a JSONL file (purpose=fine-tune or batch), checked line by line")
 async def upload_file(request: Request, caller: Caller = Depends(authenticate)):
     files = file_store(request)
     form = await _read_form(request, files.max_bytes)
     try:
         purpose = form.get("purpose")
         if not isinstance(purpose, str) or not purpose:
-            raise APIError(400, f"the form needs a 'purpose' field; use purpose={PURPOSE!r}", "purpose")
+            raise APIError(400, f"the form needs a 'purpose' field; use purpose={PURPOSE!r} or 'batch'", "purpose")
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
-            raise APIError(400, "the form needs a 'file' field holding the JSONL training data", "file")
+            raise APIError(400, "the form needs a 'file' field holding the JSONL data", "file")
         data = await upload.read()
         record = await to_thread.run_sync(files.add, caller.tenant, upload.filename or "", purpose, data)
     finally:
@@ -72,7 +74,7 @@ async def _read_form(request: Request, limit: int):
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise APIError(415 if content_type else 400, "send the file as multipart/form-data with the fields "
-                       f"file (the JSONL data) and purpose ({PURPOSE!r})")
+                       f"file (the JSONL data) and purpose ({PURPOSE!r} or 'batch')")
     return await read_capped_form(request, limit, lambda size: _too_large(size, limit), 2, 4)
 
 

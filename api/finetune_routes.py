@@ -27,6 +27,7 @@ from loraserve.adapters.finetune_data import parse_jsonl
 
 from .auth import Caller, authenticate
 from .errors import APIError
+from .files import PURPOSE
 from .files_routes import finetune_service, page
 from .jobs import JobManager
 from .openai_models import _Strict
@@ -91,9 +92,9 @@ async def create_job(body: FineTuningJobRequest, request: Request, caller: Calle
         raise APIError(400, "integrations (e.g. wandb) are not supported by this server; leave them out",
                        "integrations")
     hyper = _hyperparameters(body)
-    training = jobs.files.get(caller.tenant, body.training_file, "training_file")
+    training = jobs.files.get(caller.tenant, body.training_file, "training_file", PURPOSE)
     if body.validation_file is not None:
-        validation = jobs.files.get(caller.tenant, body.validation_file, "validation_file")
+        validation = jobs.files.get(caller.tenant, body.validation_file, "validation_file", PURPOSE)
         if validation.format != training.format:
             raise APIError(400, f"the validation file is {validation.format} data but the training file is "
                                 f"{training.format}; use one format for both", "validation_file")

@@ -116,7 +116,8 @@ class ClusterEngine:
         return await to_thread.run_sync(fn, self.engine)
 
     async def generate(self, prompt: str | list[int], params, adapter: str | None = None,
-                       request_id: str | None = None, tenant: str = DEFAULT_TENANT) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, tenant: str = DEFAULT_TENANT,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
         self._start_refresh()
         # the version's key is the multiplexed model id: Ray Serve prefers a replica that holds it
         key = "" if adapter is None else self.engine.store.resolve(tenant, adapter).key
@@ -124,7 +125,7 @@ class ClusterEngine:
             handle = self.replicas.options(multiplexed_model_id=key, stream=True)
         else:
             handle = self.replicas.options(stream=True)
-        stream = handle.generate.remote(prompt, params, adapter, request_id, tenant, key)
+        stream = handle.generate.remote(prompt, params, adapter, request_id, tenant, key, priority)
         served = _served_by.get()
         finished = False
         try:

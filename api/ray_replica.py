@@ -75,7 +75,7 @@ class EngineReplica:
         return {"replica": self.replica_id, "model_id": core.model_id, "max_model_len": core.max_model_len}
 
     async def generate(self, prompt, params, adapter: str | None, request_id: str, tenant: str,
-                       adapter_key: str | None = None):
+                       adapter_key: str | None = None, priority: int = 0):
         """Streams RequestOutputs, each tagged with this replica's id (`.replica`). The
         adapter version's key is the multiplexed model id (or `adapter_key` when the
         ingress routes without affinity)."""
@@ -85,7 +85,8 @@ class EngineReplica:
             await self.load_adapter(key)
             self.num_adapter_requests += 1
             self.num_warm_requests += key in self.engine.engine.slots.slot_of   # a read of a dict: no engine call
-        async for out in self.engine.generate(prompt, params, adapter=adapter, request_id=request_id, tenant=tenant):
+        async for out in self.engine.generate(prompt, params, adapter=adapter, request_id=request_id, tenant=tenant,
+                                              priority=priority):
             out.replica = self.replica_id
             yield out
 

@@ -80,5 +80,7 @@ def run_server(engine, settings: ServerSettings) -> int:
     for line in startup_summary(engine, settings):
         log.info(line)
     server.run()
+    if app.state.ctx.batches is not None:
+        app.state.ctx.batches.shutdown()     # before the engine stops: unfinished lines resume at the next start
     log.info("stopped")
     return 0 if server.started else 1

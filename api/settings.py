@@ -25,6 +25,7 @@ class ServerSettings:
     max_file_bytes: int = 64 << 20          # largest training file upload
     max_finetune_jobs: int = 1              # jobs training at once, more wait queued; 0 = fine-tuning off
     finetune_threads: int = 1               # torch threads of a training worker (the engine keeps the rest)
+    batch_concurrency: int = 8              # Batch API lines running at once, behind interactive traffic; 0 = off
 
     def __post_init__(self):
         if self.max_queue is not None and self.max_queue < 0:
@@ -36,6 +37,8 @@ class ServerSettings:
         if self.max_finetune_jobs < 0 or self.finetune_threads < 1:
             raise ValueError(f"max_finetune_jobs must be >= 0 and finetune_threads >= 1, got "
                              f"{self.max_finetune_jobs} and {self.finetune_threads}")
+        if self.batch_concurrency < 0:
+            raise ValueError(f"batch_concurrency must be >= 0, got {self.batch_concurrency}")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
 

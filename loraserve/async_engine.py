@@ -35,7 +35,10 @@ class _Stream:
     queue: asyncio.Queue
 
     def put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:    # the caller's event loop has closed: nobody listens, and the engine goes on
+            pass
 
 
 class AsyncEngine:
@@ -72,16 +75,17 @@ class AsyncEngine:
         return await future
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, adapter: str | None = None,
-                       request_id: str | None = None,
-                       tenant: str = DEFAULT_TENANT) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, tenant: str = DEFAULT_TENANT,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yields a RequestOutput each time the request advances; the last is finished.
-        `adapter` is a store reference in the tenant's view. Invalid requests raise
-        before the first yield; a caller that stops early aborts the request."""
+        `adapter` is a store reference in the tenant's view; `priority` is the scheduler's
+        (lower first). Invalid requests raise before the first yield; a caller that stops
+        early aborts the request."""
         request_id = request_id or f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
 
         def add(engine: LLMEngine):
-            engine.add_request(prompt, params, adapter, request_id, tenant)
+            engine.add_request(prompt, params, adapter, request_id, tenant, priority)
             self._streams[request_id] = stream
 
         try:

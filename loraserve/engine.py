@@ -143,14 +143,15 @@ class LLMEngine:
         return ids, self.resolve_adapter(adapter, tenant)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams, adapter: str | None = None,
-                    request_id: str | None = None, tenant: str = DEFAULT_TENANT) -> str:
+                    request_id: str | None = None, tenant: str = DEFAULT_TENANT, priority: int = 0) -> str:
         """`adapter` is a store reference (`name`, `name@3`, `owner/name`) in the tenant's
-        view. A bad request raises and leaves no trace."""
+        view; `priority` orders it in the scheduler (lower first; see scheduler.py). A bad
+        request raises and leaves no trace."""
         ids, key = self.check_request(prompt, params, adapter, tenant)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        seq = Sequence(next(self._ids), ids, params, key, arrival=time.monotonic())
+        seq = Sequence(next(self._ids), ids, params, key, arrival=time.monotonic(), priority=priority)
         seq.state = RequestState(
             output=RequestOutput(request_id, ids, adapter),
             detokenizer=IncrementalDetokenizer(self.tokenizer, ids, params.stop,

@@ -4,6 +4,14 @@ Every step first serves the running requests (a decode token, or the next chunk 
 long prompt), preempting the newest by recompute when KV blocks run out, then admits
 waiting requests while the token budget, the sequence limit, KV blocks and adapter
 slots allow. No torch here: tested with plain sequences and a fake adapter pool.
+
+Priorities (`Sequence.priority`, lower first) keep background work behind interactive
+traffic: waiting requests queue by priority, then arrival; running ones claim the token
+budget in priority order; a waiting request that finds no sequence place or KV blocks
+preempts the newest running request of a lower priority; and no lower-priority prompt
+joins a step that prefills a more urgent one (that step is the urgent request's time to
+first token). Batch API lines run at BATCH_PRIORITY, everything else at
+INTERACTIVE_PRIORITY.
 """
 
 from __future__ import annotations
@@ -16,6 +24,9 @@ from loraserve.adapters.pin import Pin
 
 from .block_manager import BlockManager
 from .sequence import Sequence, SequenceStatus
+
+
+INTERACTIVE_PRIORITY, BATCH_PRIORITY = 0, 1
 
 
 class AdapterPins(Protocol):
@@ -49,6 +60,15 @@ class Scheduler:
     num_preemptions: int = 0
 
     def add(self, seq: Sequence) -> None:
+        """Behind every waiting request of the same or a more urgent priority."""
+        self._enqueue(seq, lambda other: other.priority > seq.priority)
+
+    def _enqueue(self, seq: Sequence, goes_before) -> None:
+        """Insert seq before the first waiting request for which goes_before(it) holds."""
+        for i, other in enumerate(self.waiting):
+            if goes_before(other):
+                self.waiting.insert(i, seq)
+                return
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
@@ -57,11 +77,36 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
         items: list[tuple[Sequence, int]] = []
+        yielded = self._yield_to_urgent()
+        self.running.sort(key=lambda s: s.priority)     # stable: arrival order within a priority
         preempted = self._schedule_running(items, budget)
         budget -= sum(n for _, n in items)
         if not preempted:
             self._admit_waiting(items, budget)
-        return ScheduledBatch(items, preempted)
+        return ScheduledBatch(items, preempted + yielded)
+
+    def _yield_to_urgent(self) -> int:
+        """Preempt the newest running requests of a lower priority than the first waiting
+        one while it could not start for want of a sequence place or KV blocks, so an
+        interactive request never queues behind batch work. Returns how many gave way."""
+        if not self.waiting:
+            return 0
+        head = self.waiting[0]
+        preempted = 0
+        while self._cannot_start(head):
+            victims = [s for s in self.running if s.priority > head.priority]
+            if not victims:
+                break
+            self.preempt(max(reversed(victims), key=lambda s: s.priority))   # least urgent, newest
+            preempted += 1
+        return preempted
+
+    def _cannot_start(self, seq: Sequence) -> bool:
+        if len(self.running) >= self.max_num_seqs:
+            return True
+        hits = self.blocks.match_prefix(seq)
+        n = min(seq.num_tokens - len(hits) * self.blocks.block_size, self.max_num_batched_tokens)
+        return not self.blocks.can_admit(seq, hits, n)
 
     def _schedule_running(self, items, budget: int) -> int:
         preempted = 0
@@ -88,11 +133,14 @@ class Scheduler:
         pinned is passed over too, and while it waits, later requests may only join
         adapters that are already pinned (they cost no slot); once it has waited
         max_slot_wait_steps steps, later adapter requests hold back entirely, running
-        ones drain, a slot comes free and it gets it: no adapter starves."""
+        ones drain, a slot comes free and it gets it: no adapter starves. A request is not
+        admitted into a step that prefills a more urgent one."""
         skipped: list[Sequence] = []
         blocked: Sequence | None = None        # the oldest request waiting for a slot
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if _prefills_more_urgent(items, seq.priority):
+                break       # its prompt would lengthen the step an interactive request waits on
             hits = self.blocks.match_prefix(seq)
             n = min(seq.num_tokens - len(hits) * self.blocks.block_size, budget)
             if not self.blocks.can_admit(seq, hits, n):
@@ -130,7 +178,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self._enqueue(seq, lambda other: other.priority >= seq.priority)   # first of its priority
 
     def advance(self, batch: ScheduledBatch) -> list[Sequence]:
         """Record the computed tokens; returns the sequences that now need a sampled token
@@ -157,3 +205,9 @@ class Scheduler:
         self.blocks.free_seq(seq)
         if seq.adapter_key is not None:
             self.adapters.unpin(seq.adapter_key)
+
+
+def _prefills_more_urgent(items: list[tuple[Sequence, int]], priority: int) -> bool:
+    """Whether the step holds a prompt chunk (more than the one token of a decode) of a
+    request more urgent than `priority`."""
+    return any(n > 1 and seq.priority < priority for seq, n in items)

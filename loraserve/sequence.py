@@ -20,6 +20,7 @@ class Sequence:
     params: Any                        # SamplingParams; opaque to the scheduler
     adapter_key: str | None = None     # identity of the adapter's weights; None = base model
     arrival: float = 0.0
+    priority: int = 0                  # lower runs first; Batch API lines run at BATCH_PRIORITY
     output_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0       # tokens whose K/V sit in this sequence's blocks
