@@ -1,0 +1,49 @@
+"""What the console (/ui) shows of the engine, as one JSON snapshot.
+
+The same numbers /metrics exports (LLMEngine.stats(), the admission queue, the request
+histograms), shaped for a page that polls it: latency percentiles over the last minute
+rather than since the start, and token totals the page turns into a rate.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .latency_window import LatencyWindow
+from .metrics import ServerMetrics
+
+QUANTILES = (0.5, 0.9, 0.99)
+
+
+class ConsoleState:
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+        self.ttft = LatencyWindow(metrics.ttft)
+        self.itl = LatencyWindow(metrics.itl)
+
+    def snapshot(self, stats: dict, admission) -> dict:
+        loads = stats.get("adapter_load_count", 0)
+        return {
+            "time": time.time(),
+            "requests": {"running": stats["num_running"], "waiting": stats["num_waiting"],
+                         "api_queued": admission.num_queued, "in_flight": admission.in_flight,
+                         "rejected": admission.num_rejected, "preemptions": stats.get("num_preemptions", 0)},
+            "kv_blocks": {"used": stats["kv_blocks_used"], "total": stats["kv_blocks_total"]},
+            "slots": {"used": stats["adapter_slots_used"], "total": stats["adapter_slots_total"],
+                      "pinned": stats["adapter_slots_pinned"]},
+            "adapters": {"loads": stats.get("adapter_loads", 0), "evictions": stats.get("adapter_evictions", 0),
+                         "disk_load_mean_s": stats.get("adapter_load_seconds_total", 0.0) / loads if loads else None,
+                         "tier_hits": {"device": stats.get("device_hits", 0), "cpu": stats.get("cpu_hits", 0),
+                                       "disk": stats.get("disk_loads", 0)}},
+            "prefix_cache": {"queries": stats.get("prefix_cache_queries", 0),
+                             "hits": stats.get("prefix_cache_hits", 0)},
+            "tokens": {"prompt": _counter_total(self.metrics.prompt_tokens),
+                       "generated": _counter_total(self.metrics.generation_tokens)},
+            "ttft_s": self.ttft.quantiles(QUANTILES),
+            "itl_s": self.itl.quantiles(QUANTILES),
+        }
+
+
+def _counter_total(counter) -> float:
+    """The sum of a labelled counter over all its labels."""
+    return sum(s.value for s in counter.collect()[0].samples if s.name.endswith("_total"))
