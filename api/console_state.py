@@ -37,8 +37,10 @@ class ConsoleState:
                                        "disk": stats.get("disk_loads", 0)}},
             "prefix_cache": {"queries": stats.get("prefix_cache_queries", 0),
                              "hits": stats.get("prefix_cache_hits", 0)},
+            # generated: one TTFT or ITL observation per token as it streams, so it moves while
+            # requests run (the token counters move when a request finishes)
             "tokens": {"prompt": _counter_total(self.metrics.prompt_tokens),
-                       "generated": _counter_total(self.metrics.generation_tokens)},
+                       "generated": _count(self.metrics.ttft) + _count(self.metrics.itl)},
             "ttft_s": self.ttft.quantiles(QUANTILES),
             "itl_s": self.itl.quantiles(QUANTILES),
         }
@@ -47,3 +49,7 @@ class ConsoleState:
 def _counter_total(counter) -> float:
     """The sum of a labelled counter over all its labels."""
     return sum(s.value for s in counter.collect()[0].samples if s.name.endswith("_total"))
+
+
+def _count(histogram) -> float:
+    return next(s.value for s in histogram.collect()[0].samples if s.name.endswith("_count"))

@@ -32,7 +32,8 @@ class RollingChart {
 class LineChart {
   constructor(el, title, xLabel, labels) {
     this.plot = new uPlot({ title, ...chartSize(el), series: seriesOf(labels, true),
-                            scales: { x: { time: false } }, axes: [{ label: xLabel }, { size: 60 }] },
+                            scales: { x: { time: false } }, axes: [{ label: xLabel }, { size: 60 }],
+                            legend: { live: false } },
                           [[], ...labels.map(() => [])], el);
   }
 

@@ -108,7 +108,7 @@ function makeCharts() {
     requests: new RollingChart($("chart-requests"), "requests", ["running", "waiting"]),
     memory: new RollingChart($("chart-memory"), "occupancy %", ["KV blocks", "adapter slots"]),
     latency: new RollingChart($("chart-latency"), "latency p90 (ms)", ["TTFT", "ITL"]),
-    throughput: new RollingChart($("chart-throughput"), "tokens/s", ["generated", "prompt"]),
+    throughput: new RollingChart($("chart-throughput"), "tokens/s", ["generated", "prompt (at finish)"]),
   };
 }
 

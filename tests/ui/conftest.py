@@ -32,7 +32,10 @@ def browser(chromium_path):
     from uikit import CHROMIUM_ARGS
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        try:
+            browser = p.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        except Exception as e:   # noqa: BLE001 - a missing library, a broken install: say which
+            pytest.fail(f"Chromium at {chromium_path} did not start under Playwright: {e}", pytrace=False)
         yield browser
         browser.close()
 

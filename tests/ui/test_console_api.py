@@ -106,6 +106,7 @@ def test_engine_snapshot(env):
         metrics = client(app, keys["admin"]).get("/metrics").text
     assert e["requests"]["running"] == 0 and e["requests"]["waiting"] == 0
     assert e["kv_blocks"]["total"] == 64 and e["slots"]["total"] == 2
+    # finished requests only, so every generated token is both in the counter and observed once
     assert e["tokens"]["generated"] == _sample(metrics, "loraserve_generation_tokens_total")
     assert e["tokens"]["prompt"] == _sample(metrics, "loraserve_prompt_tokens_total")
     assert e["adapters"]["tier_hits"]["disk"] == _sample(metrics, 'loraserve_adapter_tier_hits_total{tier="disk"}')

@@ -205,7 +205,7 @@ class running_requests:
         assert not self.errors, self.errors
 
 
-def test_fine_tuning_job_and_its_loss_curve(env, page):
+def test_fine_tuning_job_and_its_loss_curve(env, page, artifacts_dir):
     app, keys, _ = env
     sdk = openai.OpenAI(base_url=f"{app.url}/v1", api_key=keys["alice"], max_retries=0, timeout=60)
     job = sdk.fine_tuning.jobs.list().data[0]
@@ -224,3 +224,9 @@ def test_fine_tuning_job_and_its_loss_curve(env, page):
     expect(chart).to_have_attribute("data-job", job.id)
     expect(chart).to_have_attribute("data-points", str(len(steps)))
     expect(chart.locator("canvas")).to_be_visible()
+    with running_requests(app.url, keys["alice"], "alice-bot", num=2):   # the console at work, for the README
+        expect(page.locator("#fig-running")).not_to_have_text("0", timeout=30_000)
+        expect(page.locator("#fig-throughput")).not_to_have_text(re.compile(r"^(–|0\.0)$"))   # moves while they run
+        path = os.path.join(artifacts_dir, "console-jobs.png")
+        page.screenshot(path=path, full_page=True)
+        print(f"\nconsole screenshot: {path}")
