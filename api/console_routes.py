@@ -75,7 +75,8 @@ def visible_versions(store, caller: Caller) -> list[AdapterRecord]:
     if caller.admin:
         return store.owned()
     shared = [r for r in store.list(caller.tenant) if r.tenant != caller.tenant]
-    return store.owned(caller.tenant) + [v for r in shared for v in store.versions(caller.tenant, f"{r.tenant}/{r.name}")]
+    others = [v for r in shared for v in store.versions(caller.tenant, f"{r.tenant}/{r.name}")]
+    return store.owned(caller.tenant) + others
 
 
 def adapter_row(ctx: ServeContext, caller: Caller, r: AdapterRecord, tier: str, latest: bool) -> dict:

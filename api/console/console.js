@@ -131,7 +131,8 @@ async function refreshEngine() {
   $("fig-tiers").textContent = `${hits.device} / ${hits.cpu} / ${hits.disk}`;
   $("fig-load").textContent = ms(e.adapters.disk_load_mean_s);
   const window = e.ttft_s.window_s === null ? "since start" : `last ${Math.round(e.ttft_s.window_s)} s`;
-  $("engine-updated").textContent = `percentiles over the ${window}; updated ${new Date(e.time * 1000).toLocaleTimeString()}`;
+  const updated = new Date(e.time * 1000).toLocaleTimeString();
+  $("engine-updated").textContent = `percentiles over the ${window}; updated ${updated}`;
 
   const last = state.lastTokens;
   let rate = [null, null];

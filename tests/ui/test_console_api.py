@@ -148,3 +148,14 @@ def test_every_console_file_is_package_data():
             relative = os.path.relpath(os.path.join(folder, name), api_dir)
             assert any(fnmatch.fnmatch(relative, p) and relative.count("/") == p.count("/") for p in patterns), \
                 f"{relative} would be missing from a wheel: add it to [tool.setuptools.package-data]"
+
+
+def test_snapshot_of_an_engine_that_has_not_reported():
+    """A Ray ingress before any replica reports has empty stats: the console shows zeros."""
+    from loraserve.api.admission import Admission
+    from loraserve.api.console_state import ConsoleState
+    from loraserve.api.metrics import ServerMetrics
+
+    e = ConsoleState(ServerMetrics()).snapshot({"resident": {}}, Admission(4, 8, 1))
+    assert e["requests"]["running"] == 0 and e["kv_blocks"] == {"used": 0, "total": 0}
+    assert e["adapters"]["disk_load_mean_s"] is None and e["ttft_s"]["p50"] is None

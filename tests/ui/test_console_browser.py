@@ -51,8 +51,8 @@ def env(tiny_models, tmp_path_factory):
 def start_tiny_job(app, key: str) -> str:
     """A few steps of real training on the tiny base: its events carry the loss curve."""
     sdk = openai.OpenAI(base_url=f"{app.url}/v1", api_key=key, max_retries=0, timeout=60)
-    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": f"Answer {i % 3}."}]}
-            for i in range(12)]
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"},
+                          {"role": "assistant", "content": f"Answer {i % 3}."}]} for i in range(12)]
     data = "".join(json.dumps(r) + "\n" for r in rows).encode()
     training_file = sdk.files.create(file=("train.jsonl", data), purpose="fine-tune").id
     return sdk.fine_tuning.jobs.create(model=app.state.ctx.model_id, training_file=training_file, suffix="tiny",
