@@ -42,12 +42,16 @@ def browser(chromium_path):
 
 @pytest.fixture
 def page(browser):
-    """A fresh tab (its own cookies and session storage), 1280 pixels wide."""
+    """A fresh tab (its own cookies and session storage), 1280 pixels wide; an uncaught
+    script error in it fails the test."""
     context = browser.new_context(viewport={"width": 1280, "height": 900})
     page = context.new_page()
     page.set_default_timeout(20_000)
+    errors = []
+    page.on("pageerror", lambda error: errors.append(error))
     yield page
     context.close()
+    assert not errors, f"the console's scripts raised: {errors}"
 
 
 @pytest.fixture(scope="session")

@@ -230,3 +230,20 @@ def test_fine_tuning_job_and_its_loss_curve(env, page, artifacts_dir):
         path = os.path.join(artifacts_dir, "console-jobs.png")
         page.screenshot(path=path, full_page=True)
         print(f"\nconsole screenshot: {path}")
+
+
+def test_a_server_without_keys_opens_the_console_at_once(tiny_models, tmp_path, page):
+    """No key file (loopback only): every caller is the default tenant's admin, no sign-in."""
+    base_dir, _ = tiny_models["llama"]
+    engine = AsyncEngine(EngineConfig(model=base_dir, dtype="float32", max_loras=1, max_lora_rank=8,
+                                      max_model_len=64, num_kv_blocks=16, adapter_dir=str(tmp_path / "store")))
+    try:
+        with live_server(engine, ServerSettings(max_finetune_jobs=0)) as app:
+            page.goto(f"{app.url}/ui")
+            expect(page.locator("#console")).to_be_visible()
+            expect(page.locator("#who")).to_have_text("default (admin: every tenant)")
+            expect(page.locator("#sign-out")).to_be_hidden()
+            expect(page.locator("#adapters-empty")).to_be_visible()
+            expect(page.locator("#jobs-note")).to_contain_text("fine-tuning")   # off here: the server says so
+    finally:
+        engine.shutdown()
