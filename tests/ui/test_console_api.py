@@ -81,6 +81,18 @@ def test_tenant_sees_its_versions_and_shared_ones_read_only(env):
     assert (session["tenant"], session["admin"], session["keys_required"]) == ("ops", True, True)
 
 
+def test_an_admin_deletes_another_tenants_version_by_its_ref(env, tiny_models):
+    app, keys = env
+    app.state.ctx.store.register_dir("bob", "doomed", tiny_models["llama"][1]["r4"])
+    ref = rows(app, keys["admin"])["bob/doomed@1"]["ref"]
+    with client(app, keys["alice"]) as c:
+        assert c.delete(f"/v1/adapters/{ref}").status_code == 404      # not alice's to delete
+    with client(app, keys["admin"]) as c:
+        r = c.delete(f"/v1/adapters/{ref}")
+    assert r.status_code == 200 and r.json()["versions"] == [1], r.text
+    assert "bob/doomed@1" not in rows(app, keys["admin"]) and "bob/doomed@1" not in rows(app, keys["bob"])
+
+
 def test_use_is_counted_per_version_from_finished_requests(env):
     app, keys = env
     with client(app, keys["alice"]) as c:
