@@ -151,6 +151,16 @@ class AdapterStore:
             raise _not_found(tenant, name)
         return [versions[v] for v in sorted(versions)]
 
+    def owned(self, tenant: str | None = None) -> list[AdapterRecord]:
+        """Every version `tenant` owns (every tenant's when None: an operator's view), by
+        tenant, name and version."""
+        if tenant is not None:
+            check_name(tenant, "tenant name")
+        with self._lock:
+            records = [r for (t, _), versions in self._index.versions.items() if tenant in (None, t)
+                       for r in versions.values()]
+        return sorted(records, key=lambda r: (r.tenant, r.name, r.version))
+
     def load(self, record: AdapterRecord) -> LoRAAdapter:
         """Read a version's weights, verifying them against the hash recorded at registration."""
         blob_id = os.path.basename(record.path)

@@ -8,7 +8,8 @@ from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from . import adapters_routes, batches_routes, chat, completions, files_routes, finetune_routes, ops_routes, vllm_compat
+from . import (adapters_routes, batches_routes, chat, completions, console_routes, files_routes, finetune_routes,
+               ops_routes, vllm_compat)
 from .batches import batch_service
 from .context import ServeContext
 from .errors import APIError, install_error_handlers
@@ -29,6 +30,7 @@ def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     for module in (completions, chat, ops_routes, adapters_routes, vllm_compat, files_routes, finetune_routes,
                    batches_routes):
         app.include_router(module.router)
+    console_routes.install(app)
     app.openapi = lambda: _openapi(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, exempt=("/v1/adapters", "/v1/files"))
     app.add_middleware(CountRequests, metrics=app.state.ctx.metrics,

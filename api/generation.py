@@ -47,7 +47,8 @@ class Group:
 
     def start(self, engine, metrics, arrival: float) -> None:
         for c in self.choices:
-            c.timer = metrics.timer(self.target.label, arrival)
+            key = self.target.record.key if self.target.record is not None else None
+            c.timer = metrics.timer(self.target.label, arrival, key)
             self._tasks.append(asyncio.create_task(self._pump(engine, c)))
 
     async def _pump(self, engine, c: Choice) -> None:

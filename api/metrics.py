@@ -14,6 +14,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Summa
 
 from loraserve.outputs import RequestOutput
 
+from .adapter_usage import AdapterUsage
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
                    1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
@@ -37,9 +39,10 @@ class ServerMetrics:
                              buckets=LATENCY_BUCKETS, registry=r)
         self.engine = EngineCollector()
         r.register(self.engine)
+        self.usage = AdapterUsage()   # per version, for the console (/ui)
 
-    def timer(self, adapter: str, arrival: float) -> "RequestTimer":
-        return RequestTimer(self, adapter, arrival)
+    def timer(self, adapter: str, arrival: float, adapter_key: str | None = None) -> "RequestTimer":
+        return RequestTimer(self, adapter, arrival, adapter_key)
 
     def count(self, endpoint: str, status: int, adapter: str) -> None:
         self.requests.labels(endpoint, str(status), adapter).inc()
@@ -81,9 +84,10 @@ class CountRequests:
 class RequestTimer:
     """TTFT, inter-token latency and end-to-end time of one engine request."""
 
-    def __init__(self, metrics: ServerMetrics, adapter: str, arrival: float):
+    def __init__(self, metrics: ServerMetrics, adapter: str, arrival: float, adapter_key: str | None = None):
         self.metrics = metrics
         self.adapter = adapter
+        self.adapter_key = adapter_key   # tenant/name@version; None for the base model
         self.start = arrival          # time.monotonic() when the route began
         self.last: float | None = None
         self.num_tokens = 0
@@ -105,6 +109,8 @@ class RequestTimer:
             self.metrics.e2e.observe(now - self.start)
             self.metrics.prompt_tokens.labels(self.adapter).inc(len(out.prompt_token_ids))
             self.metrics.generation_tokens.labels(self.adapter).inc(len(out.token_ids))
+            if self.adapter_key is not None:
+                self.metrics.usage.record(self.adapter_key, len(out.prompt_token_ids), len(out.token_ids))
 
 
 class EngineCollector:
