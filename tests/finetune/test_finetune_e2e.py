@@ -99,16 +99,16 @@ def test_finetune_then_serve(served, smollm_dir):
             job.hyperparameters.learning_rate_multiplier) == (auto.n_epochs, auto.batch_size,
                                                               auto.learning_rate_multiplier)
     stepping = wait_status(lambda: "step" if latest_step(client, job.id) else client.fine_tuning.jobs.retrieve(
-        job.id).status, ("step", "failed"), 300)
+        job.id).status, ("step", "failed"), 900)
     assert stepping == "step", client.fine_tuning.jobs.retrieve(job.id).error
     # training is another process: the engine keeps answering while the job takes its steps
     first_step, served_meanwhile = latest_step(client, job.id), 0
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 900
     while latest_step(client, job.id) <= first_step and time.monotonic() < deadline:
         served_meanwhile += serve_burst(client, base)
     assert latest_step(client, job.id) > first_step and served_meanwhile >= 4, served_meanwhile
 
-    status = wait_status(lambda: client.fine_tuning.jobs.retrieve(job.id).status, ("succeeded", "failed"), 600)
+    status = wait_status(lambda: client.fine_tuning.jobs.retrieve(job.id).status, ("succeeded", "failed"), 2400)
     job = client.fine_tuning.jobs.retrieve(job.id)
     assert status == "succeeded", job.error
     after_texts = answers(client, job.fine_tuned_model, HELD_OUT)
