@@ -1,4 +1,6 @@
-"""CPU tier (LRU, background loads, failures) and device slots (pins, LRU eviction)."""
+"""CPU tier (LRU, background loads, failures) and device slots (pins, LRU eviction), each on
+its own with fake records. The tier tests are together here: the engine driving the tiers
+is test_tiers_engine.py, the embedded model through them test_tiers_e2e.py."""
 
 from __future__ import annotations
 
