@@ -11,8 +11,8 @@ separate record that must be read, validated and copied into a slot on its own.
 Cold load: one request on an idle engine for an adapter that is in no tier yet, timed
 from submission to its first token, for ranks 8, 16 and 64 (p50/p99).
 
-    python benchmarks/adapter_scaling.py                   # table + plot into benchmarks/
-    python benchmarks/adapter_scaling.py --counts 1,8,32 --num-requests 64
+    python -m benchmarks.adapter_scaling                   # table + plot into benchmarks/
+    python -m benchmarks.adapter_scaling --counts 1,8,32 --num-requests 64
 """
 
 from __future__ import annotations
@@ -21,21 +21,20 @@ import argparse
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
-from synthetic import random_prompts, write_adapter  # noqa: E402
+from loraserve import LLM, SamplingParams
+from loraserve.model.loader import load_config, resolve_model
 
-from loraserve import LLM, SamplingParams  # noqa: E402
-from loraserve.model.loader import load_config, resolve_model  # noqa: E402
+from .synthetic import random_prompts, write_adapter
 
 POOL = 16
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.adapter_scaling",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--counts", default="1,8,32,128,512", help="numbers of distinct adapters")
     p.add_argument("--num-requests", type=int, default=256, help="requests per throughput run")
     p.add_argument("--gen-tokens", type=int, default=32, help="tokens generated per request")

@@ -1,8 +1,8 @@
 """Kernel benchmarks against the memory-bandwidth roofline (needs CUDA).
 
-    python benchmarks/kernels.py            # on a GPU
-    python benchmarks/kernels.py --tune     # first sweep the SGMV launch sizes, then use the best
-    python benchmarks/kernels.py --smoke    # anywhere: tiny shapes, Triton interpreter on CPU
+    python -m benchmarks.kernels            # on a GPU
+    python -m benchmarks.kernels --tune     # first sweep the SGMV launch sizes, then use the best
+    python -m benchmarks.kernels --smoke    # anywhere: tiny shapes, Triton interpreter on CPU
 
 1. copy bandwidth of the device (torch copy_ of 512 MiB): the roofline
 2. LoRA decode shapes (hidden 4096, rank 16, batch 1..256, 1 and 64 distinct adapters):
@@ -387,7 +387,8 @@ def bench_model(shapes: Shapes, timer: Timer, device: str, profile: bool = False
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; on CPU through the Triton interpreter")
     parser.add_argument("--only", choices=["lora", "ranks", "attention", "model"], help="run one section")
     parser.add_argument("--profile", action="store_true",

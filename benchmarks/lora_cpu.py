@@ -1,9 +1,9 @@
 """The CPU LoRA path (kernels/sgmv_cpu.cpp) against the memory-bandwidth roofline and
 against the formulations it replaces; the CPU counterpart of benchmarks/kernels.py.
 
-    python benchmarks/lora_cpu.py            # bf16 and fp32, prints the tables
-    python benchmarks/lora_cpu.py --write    # and puts them in benchmarks/RESULTS.md
-    python benchmarks/lora_cpu.py --smoke    # tiny shapes: checks that the script runs
+    python -m benchmarks.lora_cpu            # bf16 and fp32, prints the tables
+    python -m benchmarks.lora_cpu --write    # and puts them in benchmarks/RESULTS.md
+    python -m benchmarks.lora_cpu --smoke    # tiny shapes: checks that the script runs
 
 1. copy bandwidth of this machine (torch copy_ of 512 MiB, all threads): the roofline
 2. decode shapes (hidden 4096, rank 16, one projection, batch 1..256, 1 and 64 distinct
@@ -29,12 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from loraserve.kernels import add_lora_cpu, add_lora_grouped, build_lora_meta, warm_up_cpu_lora
+from loraserve.kernels.sgmv import slot_a
 
-from results_md import write_section  # noqa: E402
-
-from loraserve.kernels import add_lora_cpu, add_lora_grouped, build_lora_meta, warm_up_cpu_lora  # noqa: E402
-from loraserve.kernels.sgmv import slot_a  # noqa: E402
+from .results_md import write_section
 
 MAX_ALLOC_BYTES = 4 << 30
 
@@ -151,7 +149,8 @@ def bench_rank_mix(sizes: Sizes, dtype) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.lora_cpu",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated torch dtypes")
     parser.add_argument("--only", choices=["decode", "ranks"], help="run one section")
     parser.add_argument("--write", action="store_true", help="replace this script's section of RESULTS.md")
@@ -166,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: {os.cpu_count()} cores, "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}; measured copy bandwidth "
             f"{copy_gbs:.1f} GB/s (read + write). The op mostly reads, so it can pass 100% of it.\n"
-            f"Command: `python benchmarks/lora_cpu.py {' '.join(sys.argv[1:])}`")
+            f"Command: `python -m benchmarks.lora_cpu {' '.join(sys.argv[1:])}`")
     print(head, flush=True)
     sections = [head]
     with torch.inference_mode():

@@ -7,9 +7,9 @@ Prints tokens/s for both and their ratio per dtype, plus loraserve's base-model
 throughput (no adapters, same engine, alternating with the LoRA runs) for the LoRA
 overhead ratio. Adapters are loaded before timing: cold loads are adapter_scaling.py's.
 
-    python benchmarks/offline_throughput.py                 # both dtypes, with HF+PEFT
-    python benchmarks/offline_throughput.py --dtypes bfloat16 --skip-hf
-    python benchmarks/offline_throughput.py --random-model llama-3.2-1b --dtypes bfloat16   # a GPU
+    python -m benchmarks.offline_throughput                 # both dtypes, with HF+PEFT
+    python -m benchmarks.offline_throughput --dtypes bfloat16 --skip-hf
+    python -m benchmarks.offline_throughput --random-model llama-3.2-1b --dtypes bfloat16   # a GPU
 
 On CUDA both systems run on the GPU; loraserve replays CUDA graphs for decode unless
 --enforce-eager (run both to see what the graphs buy).
@@ -19,21 +19,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from synthetic import MODEL_PRESETS, random_prompts, write_adapter, write_random_model  # noqa: E402
+from loraserve import LLM, SamplingParams
+from loraserve.model.loader import load_config, resolve_model
 
-from loraserve import LLM, SamplingParams  # noqa: E402
-from loraserve.model.loader import load_config, resolve_model  # noqa: E402
+from .synthetic import MODEL_PRESETS, random_prompts, write_adapter, write_random_model
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.offline_throughput",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-requests", type=int, default=128, help="requests submitted at once")
     p.add_argument("--num-adapters", type=int, default=32, help="distinct adapters, assigned round-robin")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank of every adapter")

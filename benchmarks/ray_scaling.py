@@ -2,8 +2,8 @@
 adapter-cache hit rate with adapter-affinity routing (Ray Serve model multiplexing)
 versus Ray Serve's default routing.
 
-    python benchmarks/ray_scaling.py                          # 1 and 2 replicas, embedded SmolLM2
-    python benchmarks/ray_scaling.py --replicas 1,2 --adapters 6 --max-loras 3 --write
+    python -m benchmarks.ray_scaling                          # 1 and 2 replicas, embedded SmolLM2
+    python -m benchmarks.ray_scaling --replicas 1,2 --adapters 6 --max-loras 3 --write
 
 A local Ray instance on loopback runs each configuration in turn: (1 replica,
 affinity), (N replicas, affinity), (N replicas, default routing). Each replica reserves
@@ -30,10 +30,10 @@ import time
 
 import httpx
 
+from .results_md import write_section
+from .synthetic import random_prompts, write_adapter
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from results_md import write_section  # noqa: E402
-from synthetic import random_prompts, write_adapter  # noqa: E402
 
 
 
@@ -160,7 +160,8 @@ def note(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ray_scaling",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="base model (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="auto", help="engine dtype (default: auto)")
     p.add_argument("--replicas", default="1,2", help="replica counts; the largest also runs with default routing")
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.write:
         section = (f"## Ray Serve scale-out: replicas and adapter-affinity routing (benchmarks/ray_scaling.py)\n\n"
                    f"Measured {time.strftime('%Y-%m-%d')}: {setup}.\n"
-                   f"Command: `python benchmarks/ray_scaling.py {' '.join(sys.argv[1:])}`\n\n" + table(rows)
+                   f"Command: `python -m benchmarks.ray_scaling {' '.join(sys.argv[1:])}`\n\n" + table(rows)
                    + note(rows))
         write_section(args.results, "ray_scaling.py", section)
         print(f"wrote {args.results}")

@@ -1,9 +1,9 @@
 """Online serving benchmark: Poisson arrivals at several rates against a live server,
 each request naming one of N adapters drawn from a Zipf distribution.
 
-    python benchmarks/serving.py                         # starts `loraserve serve` itself
-    python benchmarks/serving.py --url http://127.0.0.1:8000 --api-key KEY
-    python benchmarks/serving.py --rates 1,2,4,8 --requests 64 --max-tokens 64 --write
+    python -m benchmarks.serving                         # starts `loraserve serve` itself
+    python -m benchmarks.serving --url http://127.0.0.1:8000 --api-key KEY
+    python -m benchmarks.serving --rates 1,2,4,8 --requests 64 --max-tokens 64 --write
 
 Every request streams (/v1/completions, token-id prompts, greedy, ignore_eos, fixed
 max_tokens). Reported per rate: request and output-token throughput, TTFT and
@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from .results_md import write_section
+from .synthetic import random_prompts, write_adapter
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-from results_md import write_section  # noqa: E402
-from synthetic import random_prompts, write_adapter  # noqa: E402
 
 
 
@@ -234,7 +234,8 @@ def plot(rows: list[dict], slo: float, path: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.serving",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", help="a running server; without it one is started (and stopped) here")
     p.add_argument("--api-key", default=None, help="bearer key for --url (an admin's, to upload adapters)")
     p.add_argument("--model", default=None, help="base model when starting a server (default: embedded SmolLM2)")
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         plotted = plot(rows, args.ttft_slo, png)
         section = (f"## Online serving: latency vs arrival rate (benchmarks/serving.py)\n\n"
                    f"Measured {time.strftime('%Y-%m-%d')}: {setup}.\n"
-                   f"Command: `python benchmarks/serving.py {' '.join(sys.argv[1:])}`\n\n" + table(rows, args.ttft_slo)
+                   f"Command: `python -m benchmarks.serving {' '.join(sys.argv[1:])}`\n\n" + table(rows, args.ttft_slo)
                    + (f"\n![latency vs rate]({os.path.basename(png)})\n" if plotted else ""))
         write_section(args.results, "serving.py", section)
         print(f"wrote {args.results}" + (f" and {png}" if plotted else ""))

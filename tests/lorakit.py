@@ -1,4 +1,4 @@
-"""Helpers shared by the engine, e2e and api tests: tiny random base models in HF
+"""Helpers shared by the engine, e2e, tier and api tests: tiny random base models in HF
 layout, real PEFT adapters written by `save_pretrained`, and an HF+PEFT oracle.
 (A module of its own, not conftest: several test folders have a conftest.py.)"""
 

@@ -1,4 +1,4 @@
-"""Fixtures of the API tests; helpers live in livekit.py and peft_files.py (a conftest
+"""Fixtures of the API tests; helpers live in ../livekit.py and peft_files.py (a conftest
 module name is shared by every test folder, so nothing is imported from here)."""
 
 from __future__ import annotations

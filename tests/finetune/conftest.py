@@ -1,4 +1,4 @@
-"""Fixtures of the fine-tuning tests; helpers live in ftkit.py."""
+"""Fixtures of the fine-tuning tests; helpers live in ftkit.py, the live server in ../livekit.py."""
 
 from __future__ import annotations
 

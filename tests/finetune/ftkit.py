@@ -1,57 +1,22 @@
-"""Helpers for the fine-tuning tests: a live server on a free loopback port (a thread),
-API keys for two tenants, JSONL files, and bounded waits for a job.
-
-(tests/api/livekit.py is not importable from this folder: its directory is on sys.path
-only when tests there run, so the little server helper is repeated here.)
+"""Helpers for the fine-tuning tests: API keys for two tenants, JSONL files, uploads, and
+bounded waits for a job. The live server is tests/livekit.py's, shared with tests/api.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-import threading
 import time
 
 import httpx
-import uvicorn
 
-from loraserve.api import ServerSettings, build_app
 from loraserve.api.keys import create_key
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
-@contextlib.contextmanager
-def live_server(engine, settings: ServerSettings):
-    app = build_app(engine, settings)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the test server did not start"
-        time.sleep(0.02)
-    app.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    try:
-        yield app
-    finally:
-        if app.state.ctx.jobs is not None:
-            app.state.ctx.jobs.shutdown()
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
-
-
 def tenant_keys(path: str) -> dict[str, str]:
     """{tenant: key} for acme and beta, in a key file at `path`."""
     return {tenant: create_key(path, tenant)[0] for tenant in ("acme", "beta")}
-
-
-def client(app, key: str) -> httpx.Client:
-    return httpx.Client(base_url=app.url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
 
 
 def jsonl(rows: list[dict]) -> bytes:

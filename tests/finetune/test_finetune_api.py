@@ -10,7 +10,8 @@ import shutil
 
 import openai
 import pytest
-from ftkit import chat_rows, client, jsonl, live_server, tenant_keys, upload, wait_status
+from ftkit import chat_rows, jsonl, tenant_keys, upload, wait_status
+from livekit import live_server
 
 from loraserve import EngineConfig
 from loraserve.adapters import AdapterStore
@@ -33,15 +34,15 @@ def served(tmp_path_factory, tiny_base):
                                       max_model_len=128, num_kv_blocks=64, adapter_dir=str(root / "store")))
     settings = ServerSettings(api_keys=str(root / "keys.json"), max_file_bytes=32 << 10)
     try:
-        with live_server(engine, settings) as app:
-            yield app, keys
+        with live_server(engine, settings) as server:
+            yield server, keys
     finally:
         engine.shutdown()
 
 
 def test_files_are_checked_listed_and_per_tenant(served):
-    app, keys = served
-    with client(app, keys["acme"]) as acme, client(app, keys["beta"]) as beta:
+    server, keys = served
+    with server.client(keys["acme"]) as acme, server.client(keys["beta"]) as beta:
         r = upload(acme, GOOD)
         assert r.status_code == 200, r.text
         f = r.json()
@@ -86,10 +87,10 @@ def test_files_are_checked_listed_and_per_tenant(served):
     ({"unknown_field": 1}, "unknown_field"),
 ])
 def test_bad_job_requests(served, change, param):
-    app, keys = served
-    with client(app, keys["acme"]) as acme:
+    server, keys = served
+    with server.client(keys["acme"]) as acme:
         file_id = upload(acme, GOOD).json()["id"]
-        body = {"model": app.state.ctx.model_id, "training_file": file_id, **change}
+        body = {"model": server.ctx.model_id, "training_file": file_id, **change}
         r = acme.post("/v1/fine_tuning/jobs", json=body)
     assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, r.text
     assert (r.status_code == 404) == (param == "training_file")
@@ -100,10 +101,10 @@ def test_bad_job_requests(served, change, param):
 
 
 def test_job_trains_queues_cancels_and_is_served(served, tmp_path):
-    app, keys = served
-    ctx = app.state.ctx
-    sdk = openai.OpenAI(base_url=app.url + "/v1", api_key=keys["acme"], max_retries=0, timeout=60)
-    with client(app, keys["acme"]) as acme, client(app, keys["beta"]) as beta:
+    server, keys = served
+    ctx = server.ctx
+    sdk = openai.OpenAI(base_url=server.url + "/v1", api_key=keys["acme"], max_retries=0, timeout=60)
+    with server.client(keys["acme"]) as acme, server.client(keys["beta"]) as beta:
         file_id = sdk.files.create(file=("train.jsonl", GOOD), purpose="fine-tune").id
         assert upload(beta, GOOD).status_code == 200
         beta_try = beta.post("/v1/fine_tuning/jobs", json={"model": ctx.model_id, "training_file": file_id})
@@ -177,9 +178,9 @@ def test_fine_tuning_off_answers_404_on_files_and_jobs(tmp_path, tiny_base):
     engine = AsyncEngine(EngineConfig(model=tiny_base, dtype="float32", max_lora_rank=16, max_model_len=128,
                                       num_kv_blocks=16, adapter_dir=str(tmp_path / "store")))
     try:
-        with live_server(engine, ServerSettings(max_finetune_jobs=0)) as app:
+        with live_server(engine, ServerSettings(max_finetune_jobs=0)) as server:
             import httpx
-            with httpx.Client(base_url=app.url, timeout=30) as http:
+            with httpx.Client(base_url=server.url, timeout=30) as http:
                 for path in ("/v1/files", "/v1/fine_tuning/jobs"):
                     r = http.get(path)
                     assert r.status_code == 404, (path, r.text)

@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import torch
-from ftkit import chat_rows, jsonl, live_server, tenant_keys, wait_status
+from ftkit import chat_rows, jsonl, tenant_keys, wait_status
+from livekit import live_server
 
 from loraserve import EngineConfig
 from loraserve.adapters.finetune import auto_hyperparameters, mean_example_tokens
@@ -52,8 +53,8 @@ def served(tmp_path_factory):
     engine = AsyncEngine(EngineConfig(dtype="float32", max_loras=2, max_lora_rank=16, max_model_len=512,
                                       kv_cache_memory=64 << 20, adapter_dir=str(root / "store")))
     try:
-        with live_server(engine, ServerSettings(api_keys=str(root / "keys.json"))) as app:
-            yield app, openai.OpenAI(base_url=app.url + "/v1", api_key=keys["acme"], max_retries=0, timeout=120)
+        with live_server(engine, ServerSettings(api_keys=str(root / "keys.json"))) as server:
+            yield server, openai.OpenAI(base_url=server.url + "/v1", api_key=keys["acme"], max_retries=0, timeout=120)
     finally:
         engine.shutdown()
 
@@ -87,8 +88,8 @@ def latest_step(client, job_id: str) -> int:
 
 
 def test_finetune_then_serve(served, smollm_dir):
-    app, client = served
-    base = app.state.ctx.model_id
+    server, client = served
+    base = server.ctx.model_id
     before = pass_rate(answers(client, base, HELD_OUT))
 
     rows = chat_rows([(q, ANSWER) for q in TRAIN])
@@ -128,11 +129,11 @@ def test_finetune_then_serve(served, smollm_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    record = app.state.ctx.store.resolve("acme", job.fine_tuned_model)
+    record = server.ctx.store.resolve("acme", job.fine_tuned_model)
     tok = AutoTokenizer.from_pretrained(smollm_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm_dir, dtype=torch.float32),
                                       record.path).eval()
-    eos = list(app.state.ctx.core.eos_token_ids)
+    eos = list(server.ctx.core.eos_token_ids)
     for question, served_text in zip(HELD_OUT[:3], after_texts[:3]):
         text = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                        tokenize=False)

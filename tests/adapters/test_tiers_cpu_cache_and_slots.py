@@ -1,5 +1,7 @@
-"""CPU tier (LRU, background loads, failures) and the device slot pool (pins, LRU eviction, writes
-queued by pinning and done by write_pending)."""
+"""CPU tier (LRU, background loads, failures) and the device slot pool (pins, LRU eviction,
+writes queued by pinning and done by write_pending), each on its own with fake records.
+The tier tests are together here: the engine driving the tiers is test_tiers_engine.py,
+the embedded model through them test_tiers_e2e.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The engine with its adapter tiers: background loads, fair rotation, versions, tenants."""
+"""The engine with its adapter tiers, on a tiny random llama: background loads, fair rotation,
+versions, tenants."""
 
 from __future__ import annotations
 

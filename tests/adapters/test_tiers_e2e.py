@@ -1,5 +1,6 @@
 """The embedded model with more adapters than device slots and than CPU cache entries:
-adapters rotate through both tiers and every output still matches HF + PEFT."""
+adapters rotate through both tiers and every output still matches HF + PEFT. (An end-to-end
+test, marked slow, kept beside the other tier tests rather than in tests/e2e.)"""
 
 from __future__ import annotations
 

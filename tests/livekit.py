@@ -1,7 +1,10 @@
-"""Helpers for API tests: a live uvicorn server on a free 127.0.0.1 port, in a background
-thread (one per test module), and a tiny engine to put behind it.
+"""A live uvicorn server on a free 127.0.0.1 port, in a background thread, for the tests
+that talk HTTP (tests/api, tests/finetune); a tiny engine to put behind it; bounded waits;
+and `StepGate`, which lets a test decide when the engine steps.
 
-Every wait is bounded and the server always stops, even when a test fails.
+A module of its own at tests/ level (like lorakit.py), not conftest: tests/conftest.py's
+folder is on sys.path for every test folder. Every wait is bounded and the server always
+stops, even when a test fails.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class LiveServer:
         return self
 
     def stop(self, timeout: float = 15.0) -> None:
+        if self.ctx.jobs is not None:       # fine-tuning workers are processes: end them first
+            self.ctx.jobs.shutdown()
         self.server.should_exit = True
         self._thread.join(timeout)
         self._sock.close()
