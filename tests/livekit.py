@@ -48,6 +48,8 @@ class LiveServer:
     def stop(self, timeout: float = 15.0) -> None:
         if self.ctx.jobs is not None:       # fine-tuning workers are processes: end them first
             self.ctx.jobs.shutdown()
+        if self.ctx.batches is not None:    # so is the Batch API's runner thread
+            self.ctx.batches.shutdown()
         self.server.should_exit = True
         self._thread.join(timeout)
         self._sock.close()
