@@ -48,7 +48,7 @@ def ray_app(config: EngineConfig | None = None, num_replicas: int = 1, settings:
     Ray Serve's multiplexing counts as held by one replica (default: its device slots,
     `max_loras`); `ray_actor_options` are the engine replicas' (default: 1 CPU each; on
     GPUs pass {"num_gpus": 1}). `adapter_affinity=False` leaves routing to Ray Serve's
-    default (benchmarks/ray_scaling.py compares the two)."""
+    default (python -m benchmarks.ray_scaling compares the two)."""
     config = config or EngineConfig()
     settings = settings or ServerSettings()
     if num_replicas < 1:

@@ -313,7 +313,7 @@ def _bgmv_expand_kernel(
 
 @dataclass
 class GpuLaunch:
-    """Block sizes of the compiled (GPU) launches; `benchmarks/kernels.py --tune` sweeps
+    """Block sizes of the compiled (GPU) launches; `python -m benchmarks.kernels --tune` sweeps
     them on decode shapes. The interpreter uses its own (fewer, larger programs)."""
     shrink_block_k: int = 128
     shrink_min_programs: int = 512     # split the reduction until this many programs run
