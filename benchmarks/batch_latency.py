@@ -1,7 +1,7 @@
 """Interactive latency while a Batch API batch runs, against no batch, in the same run.
 
-    python benchmarks/batch_latency.py                    # starts `loraserve serve` itself (embedded SmolLM2)
-    python benchmarks/batch_latency.py --lines 500 --probes 24 --concurrency 8
+    python -m benchmarks.batch_latency                    # starts `loraserve serve` itself (embedded SmolLM2)
+    python -m benchmarks.batch_latency --lines 500 --probes 24 --concurrency 8
 
 A probe is one streamed chat request (greedy, --probe-tokens tokens), sent one after the
 other, --gap seconds apart; its TTFT is the time to the first streamed chunk, its ITL the
@@ -35,7 +35,7 @@ import tempfile
 import time
 
 import httpx
-from results_md import write_section   # benchmarks/ is on the path of a script run from it
+from .results_md import write_section
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOPICS = ["the sea", "a robot", "a small town", "the moon", "a lost key", "winter", "a library", "a train"]
@@ -49,7 +49,7 @@ def free_port() -> int:
 
 def start_server(args, work: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "loraserve.cli", "serve", "--port", str(port), "--adapter-dir",
+    cmd = [sys.executable, "-m", "loraserve", "serve", "--port", str(port), "--adapter-dir",
            os.path.join(work, "store"), "--batch-concurrency", str(args.concurrency), "--log-level", "warning"]
     if args.model:
         cmd += ["--model", args.model]
@@ -206,7 +206,7 @@ def table(args, model: str, per_round: int, phases: dict) -> str:
     idle = phases["idle"][0]
     lines = [
         "## Interactive latency while a batch runs (benchmarks/batch_latency.py)", "",
-        "`" + " ".join(["python benchmarks/batch_latency.py", *sys.argv[1:]]) + "`", "",
+        "`" + " ".join(["python -m benchmarks.batch_latency", *sys.argv[1:]]) + "`", "",
         f"model {model}; {per_round * args.rounds} probes per phase in {args.rounds} rounds ({args.probe_tokens} "
         f"tokens, greedy, one at a time, {args.gap} s apart); a new batch of {args.lines} lines of "
         f"{args.batch_tokens} tokens each round, --batch-concurrency {args.concurrency}; "
@@ -228,7 +228,8 @@ def table(args, model: str, per_round: int, phases: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.batch_latency", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default=None, help="a running server (default: start `loraserve serve` here)")
     p.add_argument("--model", default=None, help="the model the started server serves (default: embedded SmolLM2)")
     p.add_argument("--lines", type=int, default=500, help="requests in the batch (default: 500)")
