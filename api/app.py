@@ -9,6 +9,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import adapters_routes, chat, completions, files_routes, finetune_routes, ops_routes, vllm_compat
+from . import tokenize_routes
 from .context import ServeContext
 from .errors import APIError, install_error_handlers
 from .metrics import CountRequests
@@ -26,6 +27,7 @@ def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     install_error_handlers(app)
     for module in (completions, chat, ops_routes, adapters_routes, vllm_compat, files_routes, finetune_routes):
         app.include_router(module.router)
+    app.include_router(tokenize_routes.router)   # vLLM's /tokenize and /detokenize
     app.openapi = lambda: _openapi(app)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, exempt=("/v1/adapters", "/v1/files"))
     app.add_middleware(CountRequests, metrics=app.state.ctx.metrics,

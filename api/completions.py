@@ -20,6 +20,7 @@ from .model_names import resolve_target
 from .openai_models import CompletionRequest
 from .sampling import check_length, refuse_unsupported, sampling_params
 from .serving import generate_response
+from .structured import constrain, response_format_grammar
 
 router = APIRouter()
 
@@ -42,7 +43,9 @@ async def create_completion(body: CompletionRequest, request: Request, caller: C
     request.state.adapter = target.label   # the request counter's label
     prompts = await _prompt_ids(ctx, body.prompt)
     max_tokens = min(check_length(len(ids), body.max_tokens, ctx.max_model_len, "prompt") for ids in prompts)
-    params = sampling_params(body, max_tokens, body.logprobs)
+    params = sampling_params(body, max_tokens, body.logprobs, ctx.vocab_size)
+    grammar = response_format_grammar(body.response_format, ctx.settings.max_schema_bytes)
+    await constrain(ctx.grammar, grammar, params, "response_format")
     choices = [Choice(p * body.n + j, ids, params[j]) for p, ids in enumerate(prompts) for j in range(body.n)]
     echo = [ctx.prompts.decode(ids) if isinstance(raw, list) else raw
             for raw, ids in zip(_as_list(body.prompt), prompts)] if body.echo else None

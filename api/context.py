@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from loraserve.grammar import GrammarCompiler
+
 from .admission import Admission
 from .jobs import finetune_services
 from .keys import KeyRing
@@ -29,6 +31,7 @@ class ServeContext:
     started_at: float = field(default_factory=time.time)
     files: object | None = None     # api.files.FileStore; None when fine-tuning is off
     jobs: object | None = None      # api.jobs.JobManager; None when fine-tuning is off
+    grammar: GrammarCompiler | None = None   # structured outputs and forced tool calls
 
     @classmethod
     def build(cls, engine, settings: ServerSettings) -> "ServeContext":
@@ -42,12 +45,18 @@ class ServeContext:
             prompts=Prompts(core.tokenizer),
             files=files,
             jobs=jobs,
+            grammar=GrammarCompiler(core.tokenizer, core.hf_config.vocab_size),
         )
 
     @property
     def core(self):
         """The LLMEngine: read its fixed attributes anywhere; call its methods through engine.call."""
         return self.engine.engine
+
+    @property
+    def vocab_size(self) -> int:
+        """The width of the logits (a tokenizer may have fewer tokens)."""
+        return self.core.hf_config.vocab_size
 
     @property
     def model_id(self) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-DEFAULT_TENANT = "default"  # the tenant of every caller when no --api-keys file is given
+DEFAULT_TENANT = "default"
+TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json")   # tool_parsers.PARSERS and auto  # the tenant of every caller when no --api-keys file is given
 
 
 @dataclass
@@ -25,6 +26,8 @@ class ServerSettings:
     max_file_bytes: int = 64 << 20          # largest training file upload
     max_finetune_jobs: int = 1              # jobs training at once, more wait queued; 0 = fine-tuning off
     finetune_threads: int = 1               # torch threads of a training worker (the engine keeps the rest)
+    tool_call_parser: str = "auto"          # the model's tool-call format (tool_parsers.py); auto = from its template
+    max_schema_bytes: int = 32 << 10        # largest JSON schema in response_format or one tool's parameters
 
     def __post_init__(self):
         if self.max_queue is not None and self.max_queue < 0:
@@ -36,6 +39,11 @@ class ServerSettings:
         if self.max_finetune_jobs < 0 or self.finetune_threads < 1:
             raise ValueError(f"max_finetune_jobs must be >= 0 and finetune_threads >= 1, got "
                              f"{self.max_finetune_jobs} and {self.finetune_threads}")
+        if self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, "
+                             f"got {self.tool_call_parser!r}")
+        if self.max_schema_bytes < 1:
+            raise ValueError(f"max_schema_bytes must be >= 1, got {self.max_schema_bytes}")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
 
