@@ -7,7 +7,7 @@ the next-token mask and advancing the matcher (on every decode step of a constra
 request), walking a valid answer token by token. Every engine must allow each token of
 the answer; a mask that forbids one is reported, not timed.
 
-    python benchmarks/grammar_engines.py [--repeat 3]
+    python benchmarks/grammar_engines.py [--repeat 3] [--write]
 
 The engines are optional: the one the server uses is a dependency, the others are
 measured when installed (`pip install llguidance outlines-core`).
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -188,24 +189,35 @@ def measure(engine_cls, tokenizer, vocab_size, tokens, repeat: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3, help="compiles and walks per engine")
+    parser.add_argument("--write", action="store_true", help="put the table into benchmarks/RESULTS.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
     tokenizer = embedded_tokenizer()
     vocab_size = len(tokenizer)
     tokens = tokenizer.encode(json.dumps(ANSWER, separators=(",", ":")), add_special_tokens=False)
-    print(f"tokenizer: {vocab_size} tokens; answer: {len(tokens)} tokens; repeat {args.repeat}")
-    print(f"{'engine':<14} {'setup s':>8} {'compile ms':>11} {'mask+advance us (median)':>25} {'p99 us':>8}")
+    lines = ["## Grammar engines for structured outputs (benchmarks/grammar_engines.py)\n",
+             f"SmolLM2 tokenizer ({vocab_size} tokens), a 7-property extraction schema, a {len(tokens)}-token "
+             f"answer walked {args.repeat} times, 1 thread.\n",
+             "| engine | tokenizer set-up s | schema compile ms | mask + advance us (median) | p99 us |",
+             "|---|---|---|---|---|"]
     for engine_cls in (XGrammar, LLGuidance, OutlinesCore):
         try:
             row = measure(engine_cls, tokenizer, vocab_size, tokens, args.repeat)
         except ImportError as e:
-            print(f"{engine_cls.name:<14} not installed ({e.name})")
+            lines.append(f"| {engine_cls.name} | not installed ({e.name}) | | | |")
             continue
         except Exception as e:   # an engine that fails the answer is reported, not timed
-            print(f"{engine_cls.name:<14} failed: {type(e).__name__}: {e}")
+            lines.append(f"| {engine_cls.name} | failed: {type(e).__name__}: {e} | | | |")
             continue
-        print(f"{row['engine']:<14} {row['setup_s']:>8.2f} {row['compile_ms']:>11.1f} "
-              f"{row['mask_us_median']:>25.1f} {row['mask_us_p99']:>8.1f}")
+        lines.append(f"| {row['engine']} | {row['setup_s']:.2f} | {row['compile_ms']:.1f} | "
+                     f"{row['mask_us_median']:.1f} | {row['mask_us_p99']:.1f} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        from results_md import write_section   # benchmarks/ is on sys.path when run as a script
+
+        write_section(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
+                      "grammar_engines.py", table)
 
 
 if __name__ == "__main__":

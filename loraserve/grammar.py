@@ -61,7 +61,7 @@ class GrammarCompiler:
 
         try:
             return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
-        except ValueError as e:
+        except Exception as e:   # noqa: BLE001 - whatever the schema's fault, it is the caller's 400
             raise GrammarError(f"the JSON schema is not valid: {e}") from None
 
     @staticmethod

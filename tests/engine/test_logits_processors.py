@@ -66,3 +66,34 @@ def test_logit_bias_is_checked():
             assert "logit_bias" in str(e)
         else:
             raise AssertionError(f"{bad} accepted")
+
+
+def test_a_grammar_processor_drives_random_logits_to_a_fitting_answer_then_eos(tokenizer_dir):
+    import json
+
+    import jsonschema
+    from transformers import AutoTokenizer
+
+    from loraserve.grammar import GrammarCompiler
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    compiler = GrammarCompiler(tok, len(tok) + 64)   # logits wider than the tokenizer, as many models have
+    schema = {"type": "object", "properties": {"k": {"enum": ["a", "b"]}, "n": {"type": "integer", "maximum": 9}},
+              "required": ["k", "n"], "additionalProperties": False}
+    processor = compiler.processor(compiler.json_schema(schema))
+    g, out = torch.Generator().manual_seed(0), []
+    while not out or out[-1] != tok.eos_token_id:
+        row = torch.randn(len(tok) + 64, generator=g)
+        processor.apply(out, row)
+        assert torch.isinf(row[len(tok):]).all(), "ids past the tokenizer must stay masked"
+        out.append(int(row.argmax()))
+        processor.accept(out[-1])
+        assert len(out) < 40
+    jsonschema.validate(json.loads(tok.decode(out[:-1])), schema)
+
+    broken = compiler.processor(compiler.json_schema(schema))
+    broken.apply([], torch.zeros(len(tok) + 64))
+    broken.accept(tok.encode("x", add_special_tokens=False)[0])   # a token the grammar refused, forced in
+    row = torch.randn(len(tok) + 64, generator=g)
+    broken.apply([1], row)
+    assert int(row.argmax()) == tok.eos_token_id and torch.isinf(row).sum() == row.numel() - 1
