@@ -130,3 +130,30 @@ def test_bad_structured_requests_are_400_and_the_server_goes_on(server, base, bo
     assert not server.engine.engine.requests, "a refused request left something in the engine"
     ok = post(server, "/v1/chat/completions", chat(base, max_tokens=2))
     assert ok.status_code == 200, ok.text
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_hf_does(server, base, tiny_llama):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = [5, 900, 31, 7000, 12, 44]
+    r = post(server, "/v1/completions", {"model": base, "prompt": ids, "echo": True, "logprobs": 2, "max_tokens": 2,
+                                         "temperature": 0})
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(ids) + 2 and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama[0], dtype=torch.float32)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    for i in range(1, len(ids)):
+        assert abs(lp["token_logprobs"][i] - float(ref[i - 1, ids[i]])) < 1e-3, i
+        assert len(lp["top_logprobs"][i]) >= 2
+    assert lp["text_offset"] == sorted(lp["text_offset"])
+    stream = []
+    with server.client() as c, c.stream("POST", "/v1/completions", json={
+            "model": base, "prompt": ids, "echo": True, "logprobs": 0, "max_tokens": 2, "stream": True}) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: {"):
+                stream.append(json.loads(line[6:]))
+    first = stream[0]["choices"][0]["logprobs"]
+    assert first["token_logprobs"][1:] == pytest.approx(lp["token_logprobs"][1:len(ids)], abs=1e-5)
