@@ -157,3 +157,35 @@ def test_echo_with_logprobs_scores_the_prompt_as_hf_does(server, base, tiny_llam
                 stream.append(json.loads(line[6:]))
     first = stream[0]["choices"][0]["logprobs"]
     assert first["token_logprobs"][1:] == pytest.approx(lp["token_logprobs"][1:len(ids)], abs=1e-5)
+
+
+def test_llama3_json_calls_are_parsed_plain_and_streamed(server, base):
+    """A scripted model (the runner's logits hook forces the tokens) writes Llama 3's format."""
+    tok = server.ctx.prompts.tokenizer
+    text = '{"name": "lookup", "parameters": {"word": "hi", "n": 3, "ok": true}}'
+    script = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
+    runner = server.engine.engine.runner
+
+    def force(seqs, logits):
+        for row, seq in enumerate(seqs):
+            logits[row].fill_(-1e4)
+            logits[row, script[min(len(seq.output_token_ids), len(script) - 1)]] = 0.0
+
+    settings, runner.on_logits = server.ctx.settings, force
+    settings.tool_call_parser = "llama3_json"
+    try:
+        plain = post(server, "/v1/chat/completions", chat(base, tools=[TOOL])).json()
+        with server.client() as c, c.stream("POST", "/v1/chat/completions",
+                                            json=chat(base, tools=[TOOL], stream=True)) as s:
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    finally:
+        settings.tool_call_parser, runner.on_logits = "auto", None
+    choice = plain["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    [call] = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "lookup"
+    assert json.loads(call["function"]["arguments"]) == {"word": "hi", "n": 3, "ok": True}
+    deltas = [d for e in events for ch in e["choices"] for d in ch["delta"].get("tool_calls") or []]
+    assert deltas[0]["function"]["name"] == "lookup" and deltas[0]["id"].startswith("call_")
+    assert json.loads("".join(d["function"]["arguments"] for d in deltas)) == {"word": "hi", "n": 3, "ok": True}
+    assert not "".join(ch["delta"].get("content") or "" for e in events for ch in e["choices"]).strip()
