@@ -9,7 +9,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import (adapters_routes, batches_routes, chat, completions, console_routes, files_routes, finetune_routes,
-               ops_routes, vllm_compat)
+               ops_routes, tokenize_routes, vllm_compat)
 from .batches import batch_service
 from .context import ServeContext
 from .errors import APIError, install_error_handlers
@@ -28,7 +28,7 @@ def build_app(engine, settings: ServerSettings | None = None) -> FastAPI:
     app.state.ctx.batches = batch_service(app.state.ctx)    # it answers lines through the routes: built after them
     install_error_handlers(app)
     for module in (completions, chat, ops_routes, adapters_routes, vllm_compat, files_routes, finetune_routes,
-                   batches_routes):
+                   batches_routes, tokenize_routes):
         app.include_router(module.router)
     console_routes.install(app)
     app.openapi = lambda: _openapi(app)

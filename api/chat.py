@@ -20,24 +20,32 @@ from .model_names import resolve_target
 from .openai_models import ChatCompletionRequest
 from .sampling import check_length, refuse_unsupported, sampling_params
 from .serving import generate_response
+from .structured import constrain, response_format_grammar
+from .tool_stream import ToolChatRenderer
+from .tools import check_forced_schemas, plan_tools
 
 router = APIRouter()
 
 
 def refuse_chat_unsupported(body: ChatCompletionRequest) -> None:
-    if body.tools or body.functions:
-        raise APIError(400, "tools and function calling are not supported by this server; remove tools/functions",
-                       "tools" if body.tools else "functions")
-    if body.tool_choice not in (None, "none") or body.function_call not in (None, "none"):
-        raise APIError(400, "tool_choice/function_call are not supported by this server; remove them", "tool_choice")
-    if body.response_format is not None and body.response_format.type != "text":
-        raise APIError(400, f"response_format {body.response_format.type!r} is not supported (no constrained "
-                            "decoding); use {'type': 'text'} or leave it out", "response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     if body.max_tokens is not None and body.max_completion_tokens is not None \
             and body.max_tokens != body.max_completion_tokens:
         raise APIError(400, "max_tokens and max_completion_tokens disagree; send one of them", "max_tokens")
+
+
+async def chat_grammar(ctx: ServeContext, body: ChatCompletionRequest, plan) -> tuple[str | None, str]:
+    """The grammar the answer must follow (response_format, or a forced tool call) and the
+    field a 400 about it names."""
+    grammar = response_format_grammar(body.response_format, ctx.settings.max_schema_bytes)
+    if plan is None or not plan.forced:
+        return grammar, "response_format"
+    if grammar is not None:
+        raise APIError(400, "response_format cannot be combined with a forced tool call (tool_choice required or "
+                            "a named function): the call's arguments are already JSON", "response_format")
+    await check_forced_schemas(plan, ctx.grammar)
+    return plan.grammar(ctx.grammar), "tool_choice"
 
 
 @router.post("/v1/chat/completions", tags=["openai"],
@@ -51,15 +59,20 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
         raise APIError(400, f"n is at most {ctx.settings.max_n} on this server, got {body.n}", "n")
     target = await resolve_target(ctx.store, caller, body.model, ctx.model_id, ctx.base_names)
     request.state.adapter = target.label   # the request counter's label
-    ids = await ctx.prompts.encode_chat(body.messages)
+    plan = plan_tools(body, ctx.settings.tool_call_parser, ctx.prompts.chat_template, ctx.settings.max_schema_bytes)
+    grammar, grammar_param = await chat_grammar(ctx, body, plan)
+    ids = await ctx.prompts.encode_chat(body.messages, plan.template_tools() if plan else None)
     wanted = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = check_length(len(ids), wanted, ctx.max_model_len, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(body, max_tokens, logprobs)
+    params = sampling_params(body, max_tokens, logprobs, ctx.vocab_size)
+    await constrain(ctx.grammar, grammar, params, grammar_param)
     choices = [Choice(j, ids, params[j]) for j in range(body.n)]
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     renderer = ChatRenderer(ctx, request_id, body.model, logprobs, include_usage)
+    if plan is not None:
+        renderer = ToolChatRenderer(renderer, plan)
     return await generate_response(request, ctx, request_id, target, choices, [len(ids)],
                                    body.stream, include_usage, renderer)
 

@@ -98,6 +98,11 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
                    help="on SIGTERM, how long running requests get to finish before they are aborted (default: 30)")
     p.add_argument("--served-model-name", action="append", default=[], metavar="NAME",
                    help="another name the base model answers to in the `model` field; repeatable")
+    p.add_argument("--tool-call-parser", default="auto", choices=["auto", "hermes", "llama3_json"],
+                   help="the model's tool-call format, parsed into tool_calls: hermes (<tool_call> JSON blocks, "
+                        "Hermes/Qwen), llama3_json (Llama 3.x JSON), auto = from the chat template (default)")
+    p.add_argument("--max-schema-bytes", type=int, default=32 << 10, metavar="BYTES",
+                   help="largest JSON schema a request may send, in response_format or a tool (default: 32768)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="log verbosity (default: info)")
 
@@ -124,6 +129,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
                           allow_unauthenticated=args.allow_unauthenticated, max_queue=args.max_queue,
                           max_adapter_bytes=args.max_adapter_bytes, drain_timeout=args.drain_timeout,
                           served_model_names=tuple(args.served_model_name),
+                          tool_call_parser=args.tool_call_parser, max_schema_bytes=args.max_schema_bytes,
                           finetune_dir=getattr(args, "finetune_dir", None),
                           max_file_bytes=getattr(args, "max_file_bytes", 64 << 20),
                           max_finetune_jobs=getattr(args, "max_finetune_jobs", 0),    # serve-ray: off

@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from loraserve.grammar import GrammarCompiler
+
 from .admission import Admission
 from .jobs import finetune_services
 from .keys import KeyRing
@@ -30,6 +32,7 @@ class ServeContext:
     files: object | None = None     # api.files.FileStore; None when fine-tuning is off
     jobs: object | None = None      # api.jobs.JobManager; None when fine-tuning is off
     batches: object | None = None   # api.batches.BatchManager, set by build_app; None when the Batch API is off
+    grammar: GrammarCompiler | None = None   # structured outputs and forced tool calls
 
     @classmethod
     def build(cls, engine, settings: ServerSettings) -> "ServeContext":
@@ -43,12 +46,18 @@ class ServeContext:
             prompts=Prompts(core.tokenizer),
             files=files,
             jobs=jobs,
+            grammar=GrammarCompiler(core.tokenizer, core.hf_config.vocab_size),
         )
 
     @property
     def core(self):
         """The LLMEngine: read its fixed attributes anywhere; call its methods through engine.call."""
         return self.engine.engine
+
+    @property
+    def vocab_size(self) -> int:
+        """The width of the logits (a tokenizer may have fewer tokens)."""
+        return self.core.hf_config.vocab_size
 
     @property
     def model_id(self) -> str:

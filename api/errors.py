@@ -77,7 +77,8 @@ def from_exception(e: BaseException) -> APIError:
                          "other requests are unaffected", code="internal_error")
 
 
-_BRANCHES = {"str", "int", "float", "bool", "dict", "list", "TextPart", "OtherPart", "StreamOptions", "ResponseFormat"}
+_BRANCHES = {"str", "int", "float", "bool", "dict", "list", "TextPart", "OtherPart", "StreamOptions", "ResponseFormat",
+             "NamedToolChoice"}
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:

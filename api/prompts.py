@@ -14,6 +14,7 @@ from anyio import to_thread
 
 from .errors import APIError
 from .openai_models import ChatMessage
+from .tool_prompts import render_conversation, template_takes_tools
 
 
 class Prompts:
@@ -24,13 +25,25 @@ class Prompts:
     async def encode_text(self, text: str) -> list[int]:
         return await to_thread.run_sync(self._locked, self.tokenizer.encode, text)
 
-    async def encode_chat(self, messages: list[ChatMessage]) -> list[int]:
-        conversation = [to_template_message(m) for m in messages]
-        return await to_thread.run_sync(self._locked, self._chat_ids, conversation)
+    async def encode_text_plain(self, text: str) -> list[int]:
+        """Without the tokenizer's special tokens (vLLM's add_special_tokens: false)."""
+        return await to_thread.run_sync(self._locked, lambda: self.tokenizer.encode(text, add_special_tokens=False))
 
-    def _chat_ids(self, conversation: list[dict]) -> list[int]:
+    async def encode_chat(self, messages: list[ChatMessage], tools: list[dict] | None = None) -> list[int]:
+        """`tools` (OpenAI's tool objects) and tool turns go through tool_prompts.py."""
+        conversation = [to_template_message(m) for m in messages]
+        conversation, tools = render_conversation(conversation, tools, template_takes_tools(self.chat_template))
+        return await to_thread.run_sync(self._locked, self._chat_ids, conversation, tools)
+
+    @property
+    def chat_template(self) -> str | None:
+        template = getattr(self.tokenizer, "chat_template", None)
+        return template if isinstance(template, str) else None
+
+    def _chat_ids(self, conversation: list[dict], tools: list[dict] | None = None) -> list[int]:
         try:
-            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(conversation, tools=tools, add_generation_prompt=True,
+                                                      tokenize=False)
         except Exception as e:   # a template that raises on this conversation (e.g. roles out of order)
             raise APIError(400, f"the model's chat template rejected these messages ({e})", "messages") from None
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -60,4 +73,14 @@ def to_template_message(m: ChatMessage) -> dict:
             texts.append(text)
         content = "\n".join(texts)
     role = "system" if m.role == "developer" else m.role
-    return {"role": role, "content": content or ""}
+    message = {"role": role, "content": content or ""}
+    extra = m.model_extra or {}
+    if role == "assistant" and extra.get("tool_calls"):
+        if not isinstance(extra["tool_calls"], list):
+            raise APIError(400, "an assistant message's tool_calls must be a list", "messages")
+        message["tool_calls"] = list(extra["tool_calls"])
+    if role == "tool":
+        message["tool_call_id"] = extra.get("tool_call_id")
+        if m.name is not None:
+            message["name"] = m.name
+    return message

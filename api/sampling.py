@@ -15,8 +15,6 @@ MAX_STOP = 4
 
 
 def refuse_unsupported(req: _Sampling) -> None:
-    if req.logit_bias:
-        raise APIError(400, "logit_bias is not supported by this server; remove it", "logit_bias")
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
     if isinstance(req.stop, list) and len(req.stop) > MAX_STOP:
@@ -41,8 +39,25 @@ def check_length(prompt_len: int, max_tokens: int | None, max_model_len: int, wh
     return max_tokens
 
 
-def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None) -> list[SamplingParams]:
+def logit_bias(bias: dict[str, float] | None, vocab_size: int | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias: token ids (as JSON object keys) -> a bias in [-100, 100]."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        if not (key.isdigit() and (vocab_size is None or int(key) < vocab_size)):
+            raise APIError(400, f"logit_bias key {key!r} is not a token id in [0, {vocab_size or 'vocab'})",
+                           "logit_bias")
+        if not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias[{key!r}] is {value}; values must be in [-100, 100]", "logit_bias")
+        out[int(key)] = float(value)
+    return out
+
+
+def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None,
+                    vocab_size: int | None = None) -> list[SamplingParams]:
     """One SamplingParams per choice; a bad combination is a 400 naming it."""
+    bias = logit_bias(req.logit_bias, vocab_size)
     base = dict(
         max_tokens=max_tokens,
         min_tokens=req.min_tokens or 0,
@@ -59,6 +74,8 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None) -> li
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
     )
+    if bias:
+        base["logit_bias"] = bias
     out = []
     for i in range(req.n):
         seed = None if req.seed is None else (req.seed + i if req.seed + i < 2**63 else req.seed - i)

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from loraserve.adapters import DEFAULT_TENANT  # noqa: F401 - the tenant of every caller without --api-keys
 
+TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json")   # tool_parsers.PARSERS and auto
+
 
 @dataclass
 class ServerSettings:
@@ -26,6 +28,8 @@ class ServerSettings:
     max_finetune_jobs: int = 1              # jobs training at once, more wait queued; 0 = fine-tuning off
     finetune_threads: int = 1               # torch threads of a training worker (the engine keeps the rest)
     batch_concurrency: int = 8              # Batch API lines running at once, behind interactive traffic; 0 = off
+    tool_call_parser: str = "auto"          # the model's tool-call format (tool_parsers.py); auto = from its template
+    max_schema_bytes: int = 32 << 10        # largest JSON schema in response_format or one tool's parameters
 
     def __post_init__(self):
         if self.max_queue is not None and self.max_queue < 0:
@@ -39,6 +43,11 @@ class ServerSettings:
                              f"{self.max_finetune_jobs} and {self.finetune_threads}")
         if self.batch_concurrency < 0:
             raise ValueError(f"batch_concurrency must be >= 0, got {self.batch_concurrency}")
+        if self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, "
+                             f"got {self.tool_call_parser!r}")
+        if self.max_schema_bytes < 1:
+            raise ValueError(f"max_schema_bytes must be >= 1, got {self.max_schema_bytes}")
         if self.drain_timeout < 0:
             raise ValueError(f"drain_timeout must be >= 0, got {self.drain_timeout}")
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .logits_process import apply_logit_bias
 from .sampling_params import SamplingParams
 
 
@@ -39,7 +40,11 @@ class Sampler:
         logits = logits.float()                                # [N, V]
         raw = logits
         logits = self._penalize(logits, requests)
+        logits = self._process(logits, raw, requests)
         tokens = self._choose(logits, requests)
+        for token, r in zip(tokens, requests):
+            for processor in r.params.logits_processors:
+                processor.accept(token)
         return self._with_logprobs(raw, tokens, requests)
 
     def _penalize(self, logits: torch.Tensor, requests: list[SampleRequest]) -> torch.Tensor:
@@ -49,6 +54,22 @@ class Sampler:
         logits = logits.clone()
         for i in rows:
             _apply_penalties(logits[i], requests[i])
+        return logits
+
+    def _process(self, logits: torch.Tensor, raw: torch.Tensor, requests: list[SampleRequest]) -> torch.Tensor:
+        """logit_bias and per-request processors (grammar masks), each on its own row;
+        a batch where no request has any costs one scan of the list."""
+        rows = [i for i, r in enumerate(requests) if r.params.logit_bias or r.params.logits_processors]
+        if not rows:
+            return logits
+        if logits is raw:   # raw stays as it was: logprobs are reported from it
+            logits = logits.clone()
+        for i in rows:
+            p = requests[i].params
+            if p.logit_bias:
+                apply_logit_bias(logits[i], p.logit_bias)
+            for processor in p.logits_processors:
+                processor.apply(requests[i].output_token_ids, logits[i])
         return logits
 
     def _choose(self, logits: torch.Tensor, requests: list[SampleRequest]) -> list[int]:

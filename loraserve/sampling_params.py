@@ -22,6 +22,10 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     logprobs: int | None = None         # top-N logprobs per generated token (0 = chosen only)
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None   # token id -> added to its logit (OpenAI: [-100, 100])
+    # per-request LogitsProcessor objects (logits_process.py), e.g. a grammar's mask;
+    # stateful ones belong to this request alone: give each request its own
+    logits_processors: list = field(default_factory=list)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -56,5 +60,7 @@ def _problems(p: SamplingParams) -> list[str]:
         (p.logprobs is None or 0 <= p.logprobs <= 20, f"logprobs must be in [0, 20], got {p.logprobs}"),
         (all(isinstance(s, str) and s for s in p.stop), "stop strings must be non-empty strings"),
         (all(isinstance(t, int) and t >= 0 for t in p.stop_token_ids), "stop_token_ids must be non-negative integers"),
+        (all(isinstance(t, int) and t >= 0 and -100 <= v <= 100 for t, v in (p.logit_bias or {}).items()),
+         "logit_bias maps token ids (>= 0) to values in [-100, 100]"),
     ]
     return [message for ok, message in rules if not ok]
