@@ -158,7 +158,17 @@ def test_tenant_console(env, page, artifacts_dir):
     sdk.completions.create(model="alice-bot", prompt="hello", max_tokens=5, extra_body={"ignore_eos": True})
     expect(bot.locator("td").nth(6)).not_to_have_text("0", timeout=15_000)
     expect(page.locator("#fig-ttft")).not_to_have_text("–")
-    expect(page.locator("#batches-note")).to_have_text("This server has no batch API (/v1/batches).")
+    expect(page.locator("#batches-note")).to_have_text("No batches for this tenant.")
+    # a batch the tenant runs shows with its progress
+    lines = "".join(json.dumps({"custom_id": f"line-{i}", "method": "POST", "url": "/v1/completions",
+                                "body": {"model": "alice-bot", "prompt": f"batch {i}", "max_tokens": 3}}) + "\n"
+                    for i in range(2))
+    batch_file = sdk.files.create(file=("lines.jsonl", lines.encode()), purpose="batch")
+    batch = sdk.batches.create(input_file_id=batch_file.id, endpoint="/v1/completions", completion_window="24h")
+    row = page.locator("#batch-table tbody tr", has_text=batch.id)
+    expect(row).to_contain_text("completed", timeout=60_000)
+    expect(row).to_contain_text("2 done, 0 failed of 2")
+    expect(page.locator("#batches-note")).to_have_text("")
     assert foreign == [], f"the console fetched from elsewhere: {foreign}"
 
 
