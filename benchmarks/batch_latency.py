@@ -26,55 +26,23 @@ import asyncio
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import httpx
 from .results_md import write_section
+from .serve_process import start_server, stop_server
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOPICS = ["the sea", "a robot", "a small town", "the moon", "a lost key", "winter", "a library", "a train"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args, work: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "loraserve", "serve", "--port", str(port), "--adapter-dir",
-           os.path.join(work, "store"), "--batch-concurrency", str(args.concurrency), "--log-level", "warning"]
-    if args.model:
-        cmd += ["--model", args.model]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stderr.read()}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("the server did not come up within 300 s")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+def start_batch_server(args, work: str):
+    serve_args = ["--adapter-dir", os.path.join(work, "store"), "--batch-concurrency", str(args.concurrency),
+                  "--log-level", "warning"]
+    return start_server(serve_args + (["--model", args.model] if args.model else []))
 
 
 def chat_body(model: str, text: str, max_tokens: int, stream: bool = False) -> dict:
@@ -246,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         return asyncio.run(run(args, args.url))
     with tempfile.TemporaryDirectory() as work:
-        proc, url = start_server(args, work)
+        proc, url = start_batch_server(args, work)
         try:
             return asyncio.run(run(args, url))
         finally:

@@ -23,9 +23,6 @@ import os
 import platform
 import random
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +31,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from .results_md import write_section
+from .serve_process import start_server, stop_server
 from .synthetic import random_prompts, write_adapter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -66,41 +64,11 @@ def percentile(values: list[float], q: float) -> float:
 
 # -- the server --------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(args, store_dir: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "loraserve", "serve", "--port", str(port), "--adapter-dir", store_dir,
-           "--max-loras", str(args.max_loras), "--max-lora-rank", str(max(16, args.rank)), "--log-level", "warning"]
-    if args.model:
-        cmd += ["--model", args.model]
-    cmd += shlex.split(args.serve_args)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited: {proc.stderr.read()}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("the server did not come up within 300 s")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+def start_lora_server(args, store_dir: str):
+    serve_args = ["--adapter-dir", store_dir, "--max-loras", str(args.max_loras), "--max-lora-rank",
+                  str(max(16, args.rank)), "--log-level", "warning"]
+    serve_args += (["--model", args.model] if args.model else []) + shlex.split(args.serve_args)
+    return start_server(serve_args)
 
 
 def register_adapters(client: httpx.Client, args, base_id: str, work: str) -> tuple[list[str], int]:
@@ -260,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     proc = None
     url = args.url
     if url is None:
-        proc, url = start_server(args, os.path.join(work, "store"))
+        proc, url = start_lora_server(args, os.path.join(work, "store"))
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
         with httpx.Client(base_url=url, headers=headers, timeout=120) as client:
