@@ -63,9 +63,9 @@ def auto_hyperparameters(num_examples: int, mean_tokens: float, n_epochs: int | 
         epochs = max(least, high // n)
     by_size = _pow2_floor(max(1, n // 16))
     by_length = _pow2_floor(max(1, int(AUTO_BATCH_TOKENS // max(1.0, mean_tokens))))
-    epochs = n_epochs or epochs
-    batch = batch_size or max(1, min(16, by_size, by_length))
-    steps = epochs * -(-n // batch)
+    epochs = epochs if n_epochs is None else n_epochs           # a given value is kept, even a bad one:
+    batch = max(1, min(16, by_size, by_length)) if batch_size is None else batch_size   # FinetuneConfig refuses it
+    steps = max(1, epochs) * -(-n // max(1, batch))
     low_mult, high_mult = AUTO_LR_MULTIPLIER
     multiplier = min(high_mult, max(low_mult, round(AUTO_LR_BUDGET / steps, 1)))
     return AutoHyperparameters(epochs, batch, multiplier)

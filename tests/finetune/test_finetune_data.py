@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from loraserve.adapters.finetune import FinetuneConfig, split_eval
+from loraserve.adapters.finetune import FinetuneConfig, auto_hyperparameters, split_eval
 from loraserve.adapters.finetune_data import CHAT, COMPLETION, IGNORE, DataError, encode_chat, \
     encode_completion, parse_jsonl
 
@@ -88,3 +88,19 @@ def test_config_ranges_and_split():
     train, held = split_eval(list(range(20)), 0.1, 100, seed=1)
     assert len(held) == 2 and sorted(train + held) == list(range(20))
     assert split_eval(list(range(4)), 0.1, 100, seed=1) == (list(range(4)), [])
+
+
+def test_auto_hyperparameters_from_size_and_length():
+    small = auto_hyperparameters(40, mean_tokens=30)
+    assert (small.n_epochs, small.batch_size, small.learning_rate_multiplier) == (3, 2, 5.0)
+    assert auto_hyperparameters(20, 30).n_epochs == 5                # about 100 examples seen
+    assert auto_hyperparameters(100_000, 30).n_epochs == 1           # at most 25000 seen
+    assert auto_hyperparameters(1000, 30).batch_size == 16
+    assert auto_hyperparameters(1000, 3000).batch_size == 2          # long examples, small steps
+    kept = auto_hyperparameters(40, 30, n_epochs=1, batch_size=8)    # given values stay; the rate follows them
+    assert (kept.n_epochs, kept.batch_size, kept.learning_rate_multiplier) == (1, 8, 10.0)
+    zero = auto_hyperparameters(40, 30, n_epochs=0, batch_size=0)    # a bad value is not replaced by auto...
+    assert (zero.n_epochs, zero.batch_size) == (0, 0)
+    with pytest.raises(ValueError, match="epochs"):                  # ...it is refused where it is checked
+        FinetuneConfig(epochs=zero.n_epochs, batch_size=zero.batch_size)
+
