@@ -23,7 +23,10 @@ log = logging.getLogger(__name__)
 
 
 class CpuTier:
-    def __init__(self, load: Callable[[AdapterRecord], LoRAAdapter], max_entries: int, num_loaders: int = 4):
+    def __init__(self, load: Callable[[AdapterRecord], LoRAAdapter], max_entries: int, num_loaders: int = 4,
+                 before_load: Callable[[AdapterRecord], None] | None = None):
+        """`before_load(record)` runs on the loader thread before each read (a seam: tests
+        slow a load down or make it fail)."""
         self._load = load
         self.max_entries = max_entries
         self._cache: OrderedDict[str, LoRAAdapter] = OrderedDict()   # key -> weights, LRU first
@@ -32,7 +35,7 @@ class CpuTier:
         self._failed: dict[str, str] = {}                            # key -> error, until taken
         self._queue: queue.Queue[AdapterRecord | None] = queue.Queue()
         self._loaded = threading.Condition(self._lock)
-        self.before_load: Callable[[AdapterRecord], None] | None = None  # tests inject delays here
+        self._before_load = before_load
         self.num_hits = 0
         self.num_loads = 0
         self.load_seconds_total = 0.0
@@ -114,8 +117,8 @@ class CpuTier:
                 return
             start = time.perf_counter()
             try:
-                if self.before_load is not None:
-                    self.before_load(record)
+                if self._before_load is not None:
+                    self._before_load(record)
                 adapter = self._load(record)
                 error = None
             except Exception as e:   # noqa: BLE001 - reported to the requests that wanted it

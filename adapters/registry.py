@@ -11,6 +11,7 @@ were asked for while still on disk start loading in the background.
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
 import torch
 
@@ -22,19 +23,19 @@ from .store import AdapterStore
 
 class AdapterRegistry:
     def __init__(self, store: AdapterStore, max_loras: int, max_cpu_loras: int, dtype: torch.dtype,
-                 device: torch.device | str):
+                 device: torch.device | str, before_load: Callable[[AdapterRecord], None] | None = None):
         self.store = store
-        self.cpu = CpuTier(store.load, max_cpu_loras)
+        self.cpu = CpuTier(store.load, max_cpu_loras, before_load=before_load)
         self.slots = SlotPool.allocate(store.spec, max_loras, self._fetch, dtype, device)
         self._records: dict[str, AdapterRecord] = {}
         self._retained: dict[str, object] = {}    # deleted versions that accepted requests still use
         self._lock = threading.Lock()
 
-    def resolve(self, tenant: str, ref: str) -> AdapterRecord:
-        record = self.store.resolve(tenant, ref)
+    def admit(self, record: AdapterRecord) -> None:
+        """A request on this version was accepted: remember its record, so the slot pool and
+        the CPU tier can load it by key."""
         with self._lock:
             self._records[record.key] = record
-        return record
 
     def record(self, key: str) -> AdapterRecord:
         return self._records[key]

@@ -40,12 +40,15 @@ def _no_fault(step: str) -> None:
 class AdapterStore:
     """Adapters on disk under `root`, per tenant and version; thread-safe."""
 
-    def __init__(self, root: str | os.PathLike | None, spec: BaseModelSpec, max_adapter_bytes: int = 512 << 20):
+    def __init__(self, root: str | os.PathLike | None, spec: BaseModelSpec, max_adapter_bytes: int = 512 << 20,
+                 fault: Callable[[str], None] = _no_fault):
+        """`fault(step)` runs between the steps of a write (a seam: tests raise in it to
+        simulate a crash there)."""
         self.spec = spec
         self.max_adapter_bytes = max_adapter_bytes
         self.layout = StoreLayout(root if root is not None else default_store_root())
         self._lock = threading.Lock()
-        self._fault: Callable[[str], None] = _no_fault  # tests replace it to simulate a crash between steps
+        self._fault = fault
         self._index: StoreIndex = rebuild_index(self.layout, spec.shape_key)
         self._verified: dict[str, tuple] = {}   # blob dir -> file signature when last hashed
 

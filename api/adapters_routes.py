@@ -179,7 +179,7 @@ async def get_adapter(ref: str, request: Request, caller: Caller = Depends(authe
         versions = [await to_thread.run_sync(ctx.store.resolve, tenant, local)]
     else:
         versions = await to_thread.run_sync(ctx.store.versions, tenant, local)
-    tiers = await ctx.engine.call(lambda engine: [engine.adapter_tier(r) for r in versions])
+    tiers = await ctx.engine.adapter_tiers(versions)
     who = Caller(tenant, caller.admin)
     newest = adapter_object(who, versions[-1], ctx.model_id)
     newest["versions"] = [{"version": r.version, "sha256": r.sha256, "rank": r.rank, "alpha": r.alpha,
@@ -201,4 +201,4 @@ async def delete_adapter(ref: str, request: Request, caller: Caller = Depends(au
 async def delete_versions(ctx: ServeContext, tenant: str, ref: str) -> list[AdapterRecord]:
     """Delete through the engine (on its thread): requests already accepted with a deleted
     version keep its weights and finish; cached copies go once no request uses them."""
-    return await ctx.engine.call(lambda engine: engine.remove_adapter(ref, tenant))
+    return await ctx.engine.remove_adapter(ref, tenant)

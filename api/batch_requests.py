@@ -51,7 +51,7 @@ class BehindInteractive:
 class BatchRequests:
     def __init__(self, ctx):
         batch_ctx = dataclasses.replace(ctx, engine=BehindInteractive(ctx.engine), metrics=ServerMetrics(),
-                                        admission=Admission(ctx.core.config.max_num_seqs, None))
+                                        admission=Admission(ctx.engine.config.max_num_seqs, None))
         self._app = SimpleNamespace(state=SimpleNamespace(ctx=batch_ctx))
         self._engine = ctx.engine
 
@@ -59,7 +59,7 @@ class BatchRequests:
         """Return once the engine has taken every abort sent so far (its commands run in
         order), so no output is still on its way to an event loop about to close."""
         try:
-            await self._engine.call(lambda engine: None)
+            await self._engine.settle()
         except Exception:       # noqa: BLE001 - a dead engine sends nothing either
             pass
 

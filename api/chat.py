@@ -18,7 +18,7 @@ from .generation import Choice
 from .logprobs import chat_logprobs
 from .model_names import resolve_target
 from .openai_models import ChatCompletionRequest
-from .sampling import check_length, refuse_unsupported, sampling_params
+from .sampling import check_length, prepare, refuse_unsupported, sampling_params
 from .serving import generate_response
 from .structured import constrain, response_format_grammar
 from .tool_stream import ToolChatRenderer
@@ -62,12 +62,13 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request, 
     plan = plan_tools(body, ctx.settings.tool_call_parser, ctx.prompts.chat_template, ctx.settings.max_schema_bytes)
     grammar, grammar_param = await chat_grammar(ctx, body, plan)
     ids = await ctx.prompts.encode_chat(body.messages, plan.template_tools() if plan else None)
+    prompt = prepare(ctx.engine, ids, target, "messages")
     wanted = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = check_length(len(ids), wanted, ctx.max_model_len, "messages")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, max_tokens, logprobs, ctx.vocab_size)
     await constrain(ctx.grammar, grammar, params, grammar_param)
-    choices = [Choice(j, ids, params[j]) for j in range(body.n)]
+    choices = [Choice(j, prompt, params[j]) for j in range(body.n)]
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     renderer = ChatRenderer(ctx, request_id, body.model, logprobs, include_usage)

@@ -147,7 +147,7 @@ def run_serve(args: argparse.Namespace) -> int:
     settings.check_exposure()            # before the model loads: fail fast
     engine = AsyncEngine(engine_config(args))
     try:
-        store = engine.engine.store
+        store = engine.store
         store.max_adapter_bytes = settings.max_adapter_bytes
         for name, source in args.adapter:
             register_startup_adapter(store, name, source)

@@ -12,6 +12,8 @@ import uuid
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
+from loraserve.prepared import PreparedPrompt
+
 from .auth import Caller, authenticate
 from .context import ServeContext
 from .errors import APIError
@@ -20,7 +22,7 @@ from .logprobs import completion_logprobs
 from .model_names import resolve_target
 from .openai_models import CompletionRequest
 from .prompt_logprobs import echo_logprobs, joined, score_prompts
-from .sampling import check_length, refuse_unsupported, sampling_params
+from .sampling import check_length, prepare, refuse_unsupported, sampling_params
 from .serving import CLIENT_GONE, generate_response
 from .structured import constrain, response_format_grammar
 
@@ -41,11 +43,12 @@ async def create_completion(body: CompletionRequest, request: Request, caller: C
     target = await resolve_target(ctx.store, caller, body.model, ctx.model_id, ctx.base_names)
     request.state.adapter = target.label   # the request counter's label
     prompts = await _prompt_ids(ctx, body.prompt)
+    prepared = [prepare(ctx.engine, ids, target) for ids in prompts]
     max_tokens = min(check_length(len(ids), body.max_tokens, ctx.max_model_len, "prompt") for ids in prompts)
     params = sampling_params(body, max_tokens, body.logprobs, ctx.vocab_size)
     grammar = response_format_grammar(body.response_format, ctx.settings.max_schema_bytes)
     await constrain(ctx.grammar, grammar, params, "response_format")
-    choices = [Choice(p * body.n + j, ids, params[j]) for p, ids in enumerate(prompts) for j in range(body.n)]
+    choices = [Choice(p * body.n + j, prompt, params[j]) for p, prompt in enumerate(prepared) for j in range(body.n)]
     echo = [ctx.prompts.decode(ids) if isinstance(raw, list) else raw
             for raw, ids in zip(_as_list(body.prompt), prompts)] if body.echo else None
     request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -53,7 +56,7 @@ async def create_completion(body: CompletionRequest, request: Request, caller: C
     renderer = CompletionRenderer(ctx, request_id, body.model, body.n, echo, body.logprobs, include_usage)
     if body.echo and body.logprobs is not None:
         try:
-            renderer.echo_logprobs = await until_disconnect(request, _scored(ctx, target, prompts, body.logprobs,
+            renderer.echo_logprobs = await until_disconnect(request, _scored(ctx, prepared, body.logprobs,
                                                                              request_id))
         except ClientGone:
             return Response(status_code=CLIENT_GONE)
@@ -61,10 +64,10 @@ async def create_completion(body: CompletionRequest, request: Request, caller: C
                                    [len(ids) for ids in prompts], body.stream, include_usage, renderer)
 
 
-async def _scored(ctx: ServeContext, target, prompts: list[list[int]], top: int, request_id: str) -> list[dict]:
+async def _scored(ctx: ServeContext, prompts: list[PreparedPrompt], top: int, request_id: str) -> list[dict]:
     """The echoed prompts' logprobs objects (prompt_logprobs.py), before generation starts."""
-    scored = await score_prompts(ctx.engine, target, prompts, top, request_id)
-    return [echo_logprobs(ids, s, ctx.prompts.token_text) for ids, s in zip(prompts, scored)]
+    scored = await score_prompts(ctx.engine, prompts, top, request_id)
+    return [echo_logprobs(p.prompt_ids, s, ctx.prompts.token_text) for p, s in zip(prompts, scored)]
 
 
 def _as_list(prompt) -> list:
@@ -79,16 +82,7 @@ async def _prompt_ids(ctx: ServeContext, prompt) -> list[list[int]]:
         raise APIError(400, "prompt is empty; send a string, a list of strings, or token ids", "prompt")
     if len(prompts) > ctx.settings.max_n * 8:
         raise APIError(400, f"at most {ctx.settings.max_n * 8} prompts per request, got {len(prompts)}", "prompt")
-    out = []
-    for p in prompts:
-        ids = await ctx.prompts.encode_text(p) if isinstance(p, str) else list(p)
-        if not ids:
-            raise APIError(400, "a prompt is empty; every prompt needs at least one token", "prompt")
-        vocab = len(ctx.prompts.tokenizer)
-        if not all(0 <= t < vocab for t in ids):
-            raise APIError(400, f"prompt token ids must be integers in [0, {vocab})", "prompt")
-        out.append(ids)
-    return out
+    return [await ctx.prompts.encode_text(p) if isinstance(p, str) else list(p) for p in prompts]
 
 
 class CompletionRenderer:

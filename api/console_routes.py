@@ -64,7 +64,7 @@ async def adapters(request: Request, caller: Caller = Depends(authenticate)):
     """Every version the caller may see, with its tier and its use since the server started."""
     ctx: ServeContext = request.app.state.ctx
     records = await to_thread.run_sync(visible_versions, ctx.store, caller)
-    tiers = await ctx.engine.call(lambda engine: [engine.adapter_tier(r) for r in records])
+    tiers = await ctx.engine.adapter_tiers(records)
     newest = {(r.tenant, r.name): r.version for r in records}   # records are sorted by version
     return {"object": "list", "data": [adapter_row(ctx, caller, r, tier, newest[(r.tenant, r.name)] == r.version)
                                        for r, tier in zip(records, tiers)]}

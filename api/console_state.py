@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import time
 
+from loraserve.engine_stats import EngineStats
+
 from .latency_window import LatencyWindow
 from .metrics import ServerMetrics
 
 QUANTILES = (0.5, 0.9, 0.99)
-STATS_KEYS = ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total", "adapter_slots_used",
-              "adapter_slots_total", "adapter_slots_pinned", "adapter_loads", "adapter_evictions",
-              "adapter_load_seconds_total", "adapter_load_count", "device_hits", "cpu_hits", "disk_loads",
-              "num_preemptions", "prefix_cache_queries", "prefix_cache_hits")
 
 
 class ConsoleState:
@@ -25,25 +23,24 @@ class ConsoleState:
         self.ttft = LatencyWindow(metrics.ttft)
         self.itl = LatencyWindow(metrics.itl)
 
-    def snapshot(self, stats: dict, admission) -> dict:
-        """`stats` as LLMEngine.stats() returns it; a key may be missing (a Ray ingress before
-        any replica has reported), and then reads 0."""
-        stats = {key: stats.get(key, 0) for key in STATS_KEYS} | stats
-        loads = stats["adapter_load_count"]
+    def snapshot(self, stats: EngineStats, admission) -> dict:
+        """`stats` as LLMEngine.stats() returns it (all zeros at a Ray ingress before any
+        replica has reported)."""
+        loads = stats.disk_loads
         return {
             "time": time.time(),
-            "requests": {"running": stats["num_running"], "waiting": stats["num_waiting"],
+            "requests": {"running": stats.num_running, "waiting": stats.num_waiting,
                          "api_queued": admission.num_queued, "in_flight": admission.in_flight,
-                         "rejected": admission.num_rejected, "preemptions": stats["num_preemptions"]},
-            "kv_blocks": {"used": stats["kv_blocks_used"], "total": stats["kv_blocks_total"]},
-            "slots": {"used": stats["adapter_slots_used"], "total": stats["adapter_slots_total"],
-                      "pinned": stats["adapter_slots_pinned"]},
-            "adapters": {"loads": stats["adapter_loads"], "evictions": stats["adapter_evictions"],
-                         "disk_load_mean_s": stats["adapter_load_seconds_total"] / loads if loads else None,
-                         "tier_hits": {"device": stats["device_hits"], "cpu": stats["cpu_hits"],
-                                       "disk": stats["disk_loads"]}},
-            "prefix_cache": {"queries": stats["prefix_cache_queries"],
-                             "hits": stats["prefix_cache_hits"]},
+                         "rejected": admission.num_rejected, "preemptions": stats.num_preemptions},
+            "kv_blocks": {"used": stats.kv_blocks_used, "total": stats.kv_blocks_total},
+            "slots": {"used": stats.adapter_slots_used, "total": stats.adapter_slots_total,
+                      "pinned": stats.adapter_slots_pinned},
+            "adapters": {"loads": stats.adapter_loads, "evictions": stats.adapter_evictions,
+                         "disk_load_mean_s": stats.disk_load_seconds / loads if loads else None,
+                         "tier_hits": {"device": stats.device_hits, "cpu": stats.cpu_hits,
+                                       "disk": stats.disk_loads}},
+            "prefix_cache": {"queries": stats.prefix_cache_queries,
+                             "hits": stats.prefix_cache_hits},
             # generated: one TTFT or ITL observation per token as it streams, so it moves while
             # requests run (the token counters move when a request finishes)
             "tokens": {"prompt": _counter_total(self.metrics.prompt_tokens),

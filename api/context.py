@@ -1,8 +1,7 @@
 """Everything a route needs, built once per app from an engine and the settings.
 
-`engine` is anything shaped like AsyncEngine: `generate(prompt, params, adapter=,
-request_id=, tenant=)`, `call(fn)`, `alive`, and `engine` (the LLMEngine: model_id,
-tokenizer, max_model_len, config, store). A Ray Serve replica passes its own.
+`engine` is an EngineClient (loraserve/engine_client.py): AsyncEngine in one process,
+the Ray ingress's ClusterEngine in a cluster. Routes use nothing else of the engine.
 """
 
 from __future__ import annotations
@@ -10,6 +9,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from loraserve.engine_client import EngineClient
 from loraserve.grammar import GrammarCompiler
 
 from .admission import Admission
@@ -22,7 +22,7 @@ from .settings import ServerSettings
 
 @dataclass
 class ServeContext:
-    engine: object
+    engine: EngineClient
     settings: ServerSettings
     keyring: KeyRing | None
     admission: Admission
@@ -35,33 +35,27 @@ class ServeContext:
     grammar: GrammarCompiler | None = None   # structured outputs and forced tool calls
 
     @classmethod
-    def build(cls, engine, settings: ServerSettings) -> "ServeContext":
-        core = engine.engine
-        files, jobs = finetune_services(core, settings) if settings.max_finetune_jobs > 0 else (None, None)
+    def build(cls, engine: EngineClient, settings: ServerSettings) -> "ServeContext":
+        files, jobs = finetune_services(engine, settings) if settings.max_finetune_jobs > 0 else (None, None)
         return cls(
             engine=engine,
             settings=settings,
             keyring=KeyRing(settings.api_keys) if settings.api_keys else None,
-            admission=Admission(core.config.max_num_seqs, settings.max_queue, settings.retry_after),
-            prompts=Prompts(core.tokenizer),
+            admission=Admission(engine.config.max_num_seqs, settings.max_queue, settings.retry_after),
+            prompts=Prompts(engine.tokenizer),
             files=files,
             jobs=jobs,
-            grammar=GrammarCompiler(core.tokenizer, core.hf_config.vocab_size),
+            grammar=GrammarCompiler(engine.tokenizer, engine.vocab_size),
         )
-
-    @property
-    def core(self):
-        """The LLMEngine: read its fixed attributes anywhere; call its methods through engine.call."""
-        return self.engine.engine
 
     @property
     def vocab_size(self) -> int:
         """The width of the logits (a tokenizer may have fewer tokens)."""
-        return self.core.hf_config.vocab_size
+        return self.engine.vocab_size
 
     @property
     def model_id(self) -> str:
-        return self.core.model_id
+        return self.engine.model_id
 
     @property
     def base_names(self) -> set[str]:
@@ -69,8 +63,8 @@ class ServeContext:
 
     @property
     def max_model_len(self) -> int:
-        return self.core.max_model_len
+        return self.engine.max_model_len
 
     @property
     def store(self):
-        return self.core.store
+        return self.engine.store

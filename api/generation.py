@@ -16,6 +16,7 @@ from typing import AsyncIterator
 from fastapi import Request
 
 from loraserve.outputs import RequestOutput
+from loraserve.prepared import PreparedPrompt
 from loraserve.sampling_params import SamplingParams
 
 from .errors import APIError, from_exception
@@ -29,11 +30,15 @@ _DONE = object()
 class Choice:
     """One engine request: its prompt, and the newest snapshot of its output."""
     index: int
-    prompt_ids: list[int]
+    prompt: PreparedPrompt
     params: SamplingParams
     out: RequestOutput | None = None
     timer: RequestTimer | None = None
     num_sent_tokens: int = 0   # tokens already reported in a stream (for streamed logprobs)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.prompt.prompt_ids
 
 
 @dataclass
@@ -53,8 +58,7 @@ class Group:
 
     async def _pump(self, engine, c: Choice) -> None:
         try:
-            async for out in engine.generate(c.prompt_ids, c.params, adapter=self.target.adapter,
-                                             request_id=f"{self.request_id}-{c.index}", tenant=self.target.tenant):
+            async for out in engine.generate(c.prompt, c.params, request_id=f"{self.request_id}-{c.index}"):
                 self._queue.put_nowait((c, out))
         except asyncio.CancelledError:
             raise

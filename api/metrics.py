@@ -12,6 +12,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 
+from loraserve.engine_stats import EngineStats
 from loraserve.outputs import RequestOutput
 
 from .adapter_usage import AdapterUsage
@@ -47,7 +48,7 @@ class ServerMetrics:
     def count(self, endpoint: str, status: int, adapter: str) -> None:
         self.requests.labels(endpoint, str(status), adapter).inc()
 
-    def render(self, stats: dict, api: dict) -> bytes:
+    def render(self, stats: EngineStats, api: dict) -> bytes:
         self.engine.stats = stats
         self.engine.api = api
         return generate_latest(self.registry)
@@ -135,7 +136,7 @@ class EngineCollector:
     TIERS = {"device_hits": "device", "cpu_hits": "cpu", "disk_loads": "disk"}
 
     def __init__(self):
-        self.stats: dict = {}
+        self.stats = EngineStats()
         self.api: dict = {}
 
     def describe(self):
@@ -144,25 +145,20 @@ class EngineCollector:
     def collect(self):
         s = self.stats
         for key, (name, doc) in self.GAUGES.items():
-            if key in s:
-                yield GaugeMetricFamily(name, doc, value=s[key])
+            yield GaugeMetricFamily(name, doc, value=getattr(s, key))
         for key, (name, doc) in self.COUNTERS.items():
-            if key in s:
-                yield CounterMetricFamily(name, doc, value=s[key])
-        if "adapter_load_count" in s:
-            yield SummaryMetricFamily("loraserve_adapter_load_seconds", "time to load an adapter into a device slot",
-                                      count_value=s["adapter_load_count"],
-                                      sum_value=s.get("adapter_load_seconds_total", 0.0))
+            yield CounterMetricFamily(name, doc, value=getattr(s, key))
+        yield SummaryMetricFamily("loraserve_adapter_load_seconds", "time to read an adapter from the store on disk",
+                                  count_value=s.disk_loads, sum_value=s.disk_load_seconds)
         hits = CounterMetricFamily("loraserve_adapter_tier_hits", "adapter lookups by the tier that served them "
                                    "(device: already in a slot, cpu: from the CPU cache, disk: read from the store)",
                                    labels=["tier"])
         for key, tier in self.TIERS.items():
-            if key in s:
-                hits.add_metric([tier], s[key])
+            hits.add_metric([tier], getattr(s, key))
         yield hits
         resident = GaugeMetricFamily("loraserve_adapter_resident", "1 for each adapter version held in a tier",
                                      labels=["tier", "adapter"])
-        for tier, keys in (s.get("resident") or {}).items():
+        for tier, keys in s.resident.items():
             for key in keys:
                 resident.add_metric([tier, str(key)], 1)
         yield resident

@@ -2,9 +2,10 @@
 
 Accepted: the base model id (or a --served-model-name), `name`, `name@3`, `owner/name[@3]`
 (another tenant's shared adapter), and `base:name[@3]`, the form SGLang and Ray Serve
-LLM use. The name is resolved once here and pinned (`name@3`), so the metrics label,
-the usage counts and the weights all refer to the same version even if a new one is
-registered meanwhile. An admin may name any tenant's adapter as `owner/name`.
+LLM use. The name is resolved once here to its version's record, which the engine's
+`prepare` takes as resolved, so the metrics label, the usage counts and the weights all
+refer to the same version even if a new one is registered meanwhile. An admin may name
+any tenant's adapter as `owner/name`.
 """
 
 from __future__ import annotations
@@ -21,10 +22,8 @@ from .errors import model_not_found
 
 @dataclass(frozen=True)
 class Target:
-    tenant: str                 # the namespace the engine resolves `adapter` in
-    adapter: str | None         # a pinned store reference, e.g. 'pirate@3' or 'acme/pirate@3'; None = base
-    label: str                  # metrics label: the base model id, or 'owner/name'
-    record: AdapterRecord | None = None
+    label: str                          # metrics label: the base model id, or 'owner/name'
+    record: AdapterRecord | None = None  # the adapter version; None = the base model
 
 
 def split_base_prefix(model: str, base_names: set[str]) -> str | None:
@@ -35,7 +34,7 @@ def split_base_prefix(model: str, base_names: set[str]) -> str | None:
 
 async def resolve_target(store, caller: Caller, model: str, base_id: str, base_names: set[str]) -> Target:
     if model in base_names:
-        return Target(caller.tenant, None, base_id)
+        return Target(base_id)
     ref = split_base_prefix(model, base_names)
     if ref is None and ":" in model:
         raise model_not_found(model)
@@ -44,7 +43,7 @@ async def resolve_target(store, caller: Caller, model: str, base_id: str, base_n
         record = await to_thread.run_sync(resolve_record, store, caller, ref)
     except (AdapterNotFound, AdapterRejected):
         raise model_not_found(model) from None
-    return target_for(caller, record)
+    return Target(f"{record.tenant}/{record.name}", record)
 
 
 def resolve_record(store, caller: Caller, ref: str) -> AdapterRecord:
@@ -54,14 +53,6 @@ def resolve_record(store, caller: Caller, ref: str) -> AdapterRecord:
         local = parts.name if parts.version is None else f"{parts.name}@{parts.version}"
         return store.resolve(parts.owner, local)
     return store.resolve(caller.tenant, ref)
-
-
-def target_for(caller: Caller, record: AdapterRecord) -> Target:
-    pinned = f"{record.name}@{record.version}"
-    if record.tenant == caller.tenant or caller.admin:
-        # run in the owner's namespace: an admin's request for acme/pirate is acme's pirate
-        return Target(record.tenant, pinned, f"{record.tenant}/{record.name}", record)
-    return Target(caller.tenant, f"{record.tenant}/{pinned}", f"{record.tenant}/{record.name}", record)
 
 
 def public_id(caller: Caller, record: AdapterRecord) -> str:

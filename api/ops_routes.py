@@ -8,6 +8,8 @@ from anyio import to_thread
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import JSONResponse, Response
 
+from loraserve.engine_stats import EngineStats
+
 from .auth import Caller, authenticate, require_admin
 from .context import ServeContext
 from .errors import APIError
@@ -18,9 +20,9 @@ router = APIRouter()
 STATS_TIMEOUT_S = 10.0   # an engine step is far shorter; longer means the loop is stuck
 
 
-async def engine_stats(ctx: ServeContext) -> dict:
+async def engine_stats(ctx: ServeContext) -> EngineStats:
     try:
-        return await asyncio.wait_for(ctx.engine.call(lambda engine: engine.stats()), STATS_TIMEOUT_S)
+        return await asyncio.wait_for(ctx.engine.stats(), STATS_TIMEOUT_S)
     except asyncio.TimeoutError:
         raise APIError(503, f"the engine loop did not answer within {STATS_TIMEOUT_S:.0f} s") from None
 
@@ -29,7 +31,7 @@ async def engine_stats(ctx: ServeContext) -> dict:
 async def health(request: Request):
     ctx: ServeContext = request.app.state.ctx
     if not ctx.engine.alive:
-        raise APIError(503, f"the engine loop has stopped: {getattr(ctx.engine, 'error', None)!r}",
+        raise APIError(503, f"the engine loop has stopped: {ctx.engine.error!r}",
                        code="engine_dead")
     if ctx.admission.draining:
         raise APIError(503, "the server is draining for shutdown", code="draining",

@@ -13,10 +13,12 @@ to return the logits of every prompt position.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import torch
 
 from loraserve.outputs import TokenLogprob
+from loraserve.prepared import PreparedPrompt
 from loraserve.sampling_params import SamplingParams
 
 from .errors import APIError
@@ -38,20 +40,19 @@ class ForceTokens:
         pass
 
 
-async def score_prompts(engine, target, prompts: list[list[int]], top: int, request_id: str) -> list[list]:
+async def score_prompts(engine, prompts: list[PreparedPrompt], top: int, request_id: str) -> list[list]:
     """For each prompt, [None, TokenLogprob of prompt[1], ...], scored concurrently."""
-    return await asyncio.gather(*(_score(engine, target, ids, top, f"{request_id}-prompt{i}")
-                                  for i, ids in enumerate(prompts)))
+    return await asyncio.gather(*(_score(engine, p, top, f"{request_id}-prompt{i}") for i, p in enumerate(prompts)))
 
 
-async def _score(engine, target, ids: list[int], top: int, request_id: str) -> list[TokenLogprob | None]:
+async def _score(engine, prompt: PreparedPrompt, top: int, request_id: str) -> list[TokenLogprob | None]:
+    ids = prompt.prompt_ids
     if len(ids) < 2:
         return [None]
     params = SamplingParams(max_tokens=len(ids) - 1, temperature=0, ignore_eos=True, logprobs=top,
                             logits_processors=[ForceTokens(ids[1:])])
     last = None
-    async for out in engine.generate(ids[:1], params, adapter=target.adapter, request_id=request_id,
-                                     tenant=target.tenant):
+    async for out in engine.generate(dataclasses.replace(prompt, prompt_ids=ids[:1]), params, request_id=request_id):
         last = out
     if last is None or last.finish_reason in ("abort", "error") or len(last.logprobs) != len(ids) - 1:
         raise APIError(500, f"scoring the prompt failed ({last.error if last else 'no output'}); other requests "

@@ -2,7 +2,8 @@
 
 Completions: `tokenizer.encode(text)` (what LLMEngine.encode does with a string).
 Chat: the chat template rendered with add_generation_prompt=True, then encoded without
-special tokens (what LLM.apply_chat_template does). Token ids are checked by the engine.
+special tokens (loraserve/chat_template.py, which LLM.chat uses too). Token ids are
+checked once, by the engine's `prepare`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import functools
 import threading
 
 from anyio import to_thread
+
+from loraserve.chat_template import chat_prompt_ids
 
 from .errors import APIError
 from .openai_models import ChatMessage
@@ -42,11 +45,9 @@ class Prompts:
 
     def _chat_ids(self, conversation: list[dict], tools: list[dict] | None = None) -> list[int]:
         try:
-            text = self.tokenizer.apply_chat_template(conversation, tools=tools, add_generation_prompt=True,
-                                                      tokenize=False)
+            return chat_prompt_ids(self.tokenizer, conversation, tools)
         except Exception as e:   # a template that raises on this conversation (e.g. roles out of order)
             raise APIError(400, f"the model's chat template rejected these messages ({e})", "messages") from None
-        return self.tokenizer.encode(text, add_special_tokens=False)
 
     def _locked(self, fn, *args):
         with self._lock:

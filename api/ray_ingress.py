@@ -1,15 +1,18 @@
 """The ingress of the Ray Serve scale-out: the single-node HTTP app (api/app.py, every
-route unchanged) built on `ClusterEngine`, an engine-like proxy whose requests go to the
-engine replicas through a Ray Serve streaming handle.
+route unchanged) built on `ClusterEngine`, the EngineClient (loraserve/engine_client.py)
+whose requests go to the engine replicas through a Ray Serve streaming handle.
 
-    route -> Group -> ClusterEngine.generate
+    route -> prepare (here: ids and the adapter version checked once) -> Group
+          -> ClusterEngine.generate
           -> handle.options(multiplexed_model_id="tenant/name@version", stream=True).generate
           -> Ray Serve routes to a replica that holds that version -> AsyncEngine.generate
 
-Management calls (`engine.call(fn)`) run `fn` on `IngressCore`, which looks like an
-LLMEngine to the routes: store operations hit the shared store directly (the ingress is
-its one writer), tiers and stats come from the replicas' latest reports on the board.
-Replicas drop deleted versions themselves, within one sync interval.
+`IngressCore` holds the facts an engine has (tokenizer, the shared store, the context
+length) without loading weights. Store operations hit the shared store directly (the
+ingress is its one writer); tiers and stats come from the replicas' latest reports on
+the board. Replicas drop deleted versions themselves, within one sync interval. A
+constrained request travels with its grammar's text and no compiled matcher (which
+cannot be pickled); the replica compiles it again.
 """
 
 from __future__ import annotations
@@ -25,12 +28,15 @@ from prometheus_client.core import GaugeMetricFamily
 from ray import exceptions as ray_exceptions
 from ray import serve
 
-from loraserve.adapters import AdapterRecord, AdapterStore, BaseModelSpec, default_store_root
+from loraserve.adapters import DEFAULT_TENANT, AdapterRecord, AdapterStore, BaseModelSpec, default_store_root
 from loraserve.async_engine import EngineDeadError
 from loraserve.config import EngineConfig
-from loraserve.engine import DEFAULT_TENANT
+from loraserve.engine_stats import EngineStats
+from loraserve.grammar import GrammarProcessor
 from loraserve.model.loader import load_config, load_tokenizer, resolve_model
 from loraserve.outputs import RequestOutput
+from loraserve.prepared import PreparedPrompt, prepare_prompt
+from loraserve.sampling_params import SamplingParams
 
 from .app import build_app
 from .ray_replica import SYNC_INTERVAL_S
@@ -44,14 +50,16 @@ _served_by: contextvars.ContextVar[list | None] = contextvars.ContextVar("lorase
 
 
 class IngressCore:
-    """The fixed attributes of an LLMEngine that the routes read, and the calls they make
-    through engine.call, answered for the whole cluster. No model weights are loaded."""
+    """The facts of an engine for the whole cluster, and the replicas' latest reports. No
+    model weights are loaded."""
 
     def __init__(self, config: EngineConfig, num_replicas: int, max_adapter_bytes: int):
         source = resolve_model(config.model, config.cache_dir)
         self.model_id = source.model_id
+        self.model_dir = source.local_dir
         self.hf_config = hf_config = load_config(source.local_dir)
         self.tokenizer = load_tokenizer(source.local_dir)
+        self.vocab_bound = min(len(self.tokenizer), hf_config.vocab_size)   # as LLMEngine's
         # admission counts the whole cluster's running places
         self.config = dataclasses.replace(config, max_num_seqs=config.max_num_seqs * num_replicas)
         spec = BaseModelSpec.from_hf_config(hf_config, config.max_lora_rank, self.model_id)
@@ -65,40 +73,18 @@ class IngressCore:
         """What the replicas report (their KV pools may cap it); the configured length until one has."""
         return min((r["max_model_len"] for r in self.replicas.values()), default=self._wanted_len)
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
         """LLMEngine.stats() summed over the live replicas; `resident` is their union."""
-        total: dict = {}
-        resident: dict[str, set] = {"device": set(), "cpu": set()}
-        for report in self.replicas.values():
-            for key, value in report["stats"].items():
-                if key == "resident":
-                    for tier, keys in value.items():
-                        resident.setdefault(tier, set()).update(keys)
-                elif isinstance(value, (int, float)):
-                    total[key] = total.get(key, 0) + value
-        total["resident"] = {tier: sorted(keys) for tier, keys in resident.items()}
-        return total
-
-    def adapter_tier(self, record: AdapterRecord) -> str:
-        """The best tier any replica holds the version in."""
-        resident = self.stats()["resident"]
-        if record.key in resident["device"]:
-            return "device"
-        return "cpu" if record.key in resident["cpu"] else "disk"
-
-    def remove_adapter(self, name: str, tenant: str = DEFAULT_TENANT) -> list[AdapterRecord]:
-        """Delete from the shared store; each replica drops its copies at its next sync."""
-        return self.store.delete(tenant, name)
-
-    def forget_adapter(self, record: AdapterRecord) -> None:
-        pass   # replicas notice a deleted version themselves (its metadata left the shared store)
+        return EngineStats.total([report["stats"] for report in self.replicas.values()])
 
 
 class ClusterEngine:
-    """AsyncEngine's interface (generate, call, alive, engine) over the engine replicas."""
+    """The EngineClient of the ingress: facts from IngressCore, requests to the replicas."""
 
     def __init__(self, core: IngressCore, replicas, board, adapter_affinity: bool = True):
-        self.engine = core
+        self.core = core
+        self.model_id, self.model_dir, self.tokenizer = core.model_id, core.model_dir, core.tokenizer
+        self.vocab_size, self.config, self.store = core.hf_config.vocab_size, core.config, core.store
         self.adapter_affinity = adapter_affinity   # False: Ray Serve's default routing (benchmarks compare)
         self.replicas = replicas   # DeploymentHandle of the engine deployment
         self.board = board         # DeploymentHandle of the ReplicaBoard
@@ -109,23 +95,49 @@ class ClusterEngine:
     def alive(self) -> bool:
         """True while at least one engine replica reports (/health answers 503 otherwise)."""
         self._start_refresh()
-        return bool(self.engine.replicas)
+        return bool(self.core.replicas)
 
-    async def call(self, fn):
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
+
+    def prepare(self, prompt: str | list[int], adapter: str | AdapterRecord | None = None,
+                tenant: str = DEFAULT_TENANT) -> PreparedPrompt:
+        c = self.core
+        return prepare_prompt(prompt, adapter, tenant, tokenizer=c.tokenizer, store=c.store,
+                              vocab_bound=c.vocab_bound, max_model_len=c.max_model_len)
+
+    async def stats(self) -> EngineStats:
         self._start_refresh()
-        return await to_thread.run_sync(fn, self.engine)
+        return self.core.stats()
 
-    async def generate(self, prompt: str | list[int], params, adapter: str | None = None,
-                       request_id: str | None = None, tenant: str = DEFAULT_TENANT,
+    async def adapter_tiers(self, records: list[AdapterRecord]) -> list[str]:
+        """The best tier any replica holds each version in."""
+        stats = await self.stats()
+        return [stats.tier_of(r.key) for r in records]
+
+    async def remove_adapter(self, ref: str, tenant: str) -> list[AdapterRecord]:
+        """Delete from the shared store; each replica drops its copies at its next sync."""
+        return await to_thread.run_sync(self.store.delete, tenant, ref)
+
+    async def settle(self) -> None:
+        pass   # an abort is a cancelled stream: nothing is left on its way back
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        pass   # the replicas belong to Ray Serve
+
+    async def generate(self, prompt: PreparedPrompt, params: SamplingParams, request_id: str | None = None,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
         self._start_refresh()
         # the version's key is the multiplexed model id: Ray Serve prefers a replica that holds it
-        key = "" if adapter is None else self.engine.store.resolve(tenant, adapter).key
         if self.adapter_affinity:
-            handle = self.replicas.options(multiplexed_model_id=key, stream=True)
+            handle = self.replicas.options(multiplexed_model_id=prompt.adapter_key or "", stream=True)
         else:
             handle = self.replicas.options(stream=True)
-        stream = handle.generate.remote(prompt, params, adapter, request_id, tenant, key, priority)
+        if params.grammar is not None:   # the replica compiles it again: a matcher is not picklable
+            params = dataclasses.replace(params, logits_processors=[
+                p for p in params.logits_processors if not isinstance(p, GrammarProcessor)])
+        stream = handle.generate.remote(prompt, params, request_id, priority)
         served = _served_by.get()
         finished = False
         try:
@@ -153,8 +165,8 @@ class ClusterEngine:
     async def _refresh(self) -> None:
         while True:
             try:
-                self.engine.replicas = await self.board.snapshot.remote()
-                self.error = None if self.engine.replicas else "no engine replica has reported recently"
+                self.core.replicas = await self.board.snapshot.remote()
+                self.error = None if self.core.replicas else "no engine replica has reported recently"
             except Exception as e:   # noqa: BLE001 - the board restarts with the app; try again
                 log.warning("reading the replica board failed: %r", e)
             await asyncio.sleep(SYNC_INTERVAL_S)

@@ -11,6 +11,11 @@ root of its own (so its start-up recovery never sweeps the shared root while the
 ingress writes to it) and learns versions one by one as requests name them. Every
 SYNC_INTERVAL_S it drops the versions whose metadata left the shared store (a delete,
 or vLLM's load_inplace) and reports its stats to the ReplicaBoard.
+
+Everything it asks of its engine goes through AsyncEngine's ReplicaEngineClient methods
+(loraserve/engine_client.py), so engine state is only touched on the engine's thread.
+A constrained request arrives with its grammar's text (a compiled matcher cannot cross
+processes) and is compiled here again, off the event loop.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ from loraserve.adapters.record import record_from_json
 from loraserve.adapters.store_layout import StoreLayout
 from loraserve.async_engine import AsyncEngine
 from loraserve.config import EngineConfig
-from loraserve.engine import LLMEngine
+from loraserve.grammar import GrammarCompiler
+from loraserve.prepared import PreparedPrompt
+from loraserve.sampling_params import SamplingParams
 
 log = logging.getLogger("loraserve.ray")
 
@@ -51,6 +58,7 @@ class EngineReplica:
         self.shared = StoreLayout(config.adapter_dir or default_store_root())
         self.private_root = tempfile.mkdtemp(prefix="loraserve-replica-")
         self.engine = AsyncEngine(dataclasses.replace(config, adapter_dir=self.private_root))
+        self.grammar = GrammarCompiler(self.engine.tokenizer, self.engine.vocab_size)
         self.replica_id = current_replica_id()
         self.board = board
         self.adopted: dict[str, AdapterRecord] = {}   # key -> record, the versions this replica has learnt
@@ -71,22 +79,25 @@ class EngineReplica:
     # -- requests ------------------------------------------------------------------------
     async def info(self) -> dict:
         self._start_sync()
-        core = self.engine.engine
-        return {"replica": self.replica_id, "model_id": core.model_id, "max_model_len": core.max_model_len}
+        return {"replica": self.replica_id, "model_id": self.engine.model_id,
+                "max_model_len": self.engine.max_model_len}
 
-    async def generate(self, prompt, params, adapter: str | None, request_id: str, tenant: str,
-                       adapter_key: str | None = None, priority: int = 0):
+    async def generate(self, prompt: PreparedPrompt, params: SamplingParams, request_id: str, priority: int = 0):
         """Streams RequestOutputs, each tagged with this replica's id (`.replica`). The
-        adapter version's key is the multiplexed model id (or `adapter_key` when the
-        ingress routes without affinity)."""
+        ingress prepared the prompt (its adapter record is the version to run); the
+        version's key is also the multiplexed model id Ray Serve routed by."""
         self._start_sync()
-        key = serve.get_multiplexed_model_id() or adapter_key
-        if key:
-            await self.load_adapter(key)
+        if prompt.adapter is not None:
+            await self.load_adapter(prompt.adapter_key)
             self.num_adapter_requests += 1
-            self.num_warm_requests += key in self.engine.engine.slots.slot_of   # a read of a dict: no engine call
-        async for out in self.engine.generate(prompt, params, adapter=adapter, request_id=request_id, tenant=tenant,
-                                              priority=priority):
+        if params.grammar is not None:
+            processor = await asyncio.to_thread(self.grammar.processor, params.grammar)
+            params = dataclasses.replace(params, logits_processors=[*params.logits_processors, processor])
+        first = True
+        async for out in self.engine.generate(prompt, params, request_id=request_id, priority=priority):
+            if first and prompt.adapter is not None:
+                self.num_warm_requests += out.adapter_tier == "device"   # it was in a slot when the request came
+            first = False
             out.replica = self.replica_id
             yield out
 
@@ -97,9 +108,8 @@ class EngineReplica:
         record = self.adopted.get(key)
         if record is None:
             record, blob_id = await asyncio.to_thread(self._read_meta, key)
-            self.engine.engine.store.adopt(record, blob_id)
+            await self.engine.adopt_adapter(record, blob_id)   # and it starts reading into the CPU tier
             self.adopted[key] = record
-            self.engine.engine.adapters.cpu.get(record)   # start reading it into the CPU tier; never blocks
         return record
 
     def _read_meta(self, key: str) -> tuple[AdapterRecord, str]:
@@ -111,7 +121,7 @@ class EngineReplica:
         except (OSError, ValueError) as e:
             raise AdapterNotFound(f"adapter {key} is not in the shared store ({e}); it was deleted, "
                                   "or this replica reads another store than the ingress") from None
-        if base != self.engine.engine.spec.shape_key:
+        if base != self.engine.store.spec.shape_key:
             raise AdapterNotFound(f"adapter {key} was registered for another base model")
         return record, blob_id
 
@@ -120,7 +130,7 @@ class EngineReplica:
                 if not os.path.exists(self.shared.meta_path(r.tenant, r.name, r.version))]
         for record in gone:
             del self.adopted[record.key]
-            await self.engine.call(lambda engine: _drop(engine, record))
+            await self.engine.drop_adapter(record)
             log.info("replica %s: dropped deleted adapter %s", self.replica_id, record.key)
 
     # -- background sync -----------------------------------------------------------------
@@ -142,9 +152,7 @@ class EngineReplica:
             await asyncio.sleep(SYNC_INTERVAL_S)
 
     async def _report(self) -> dict:
-        stats = await self.engine.call(lambda engine: engine.stats())
-        core = self.engine.engine
-        return {"max_model_len": core.max_model_len, "stats": stats,
+        return {"max_model_len": self.engine.max_model_len, "stats": await self.engine.stats(),
                 "adapter_requests": self.num_adapter_requests, "warm_requests": self.num_warm_requests}
 
     async def check_health(self) -> None:
@@ -157,19 +165,6 @@ class EngineReplica:
         if engine is not None:
             engine.shutdown(timeout=2.0)
         shutil.rmtree(getattr(self, "private_root", ""), ignore_errors=True)
-
-
-def _drop(engine: LLMEngine, record: AdapterRecord) -> None:
-    """What LLMEngine.remove_adapter does after the files are gone: forget the version, or
-    keep what is cached of it for the requests still running on it."""
-    engine.store.unindex(record)
-    if any(seq.adapter_key == record.key for seq in engine.requests.values()):
-        try:
-            engine.adapters.retain(record)
-        except AdapterNotFound:   # not cached and its files are gone: its requests fail when they load
-            pass
-    else:
-        engine.forget_adapter(record)
 
 
 class ReplicaBoard:

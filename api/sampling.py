@@ -6,9 +6,11 @@ seed and n > 1, choice i uses seed + i, so the choices differ and each is reprod
 
 from __future__ import annotations
 
+from loraserve.prepared import ContextLengthExceeded, PreparedPrompt, PromptError
 from loraserve.sampling_params import SamplingParams
 
 from .errors import APIError
+from .model_names import Target
 from .openai_models import _Sampling
 
 MAX_STOP = 4
@@ -23,12 +25,22 @@ def refuse_unsupported(req: _Sampling) -> None:
         raise APIError(400, "stop must not be an empty string", "stop")
 
 
+def prepare(engine, ids: list[int], target: Target, what: str = "prompt") -> PreparedPrompt:
+    """The engine's one check of a prompt (LLMEngine.prepare), its errors in OpenAI's words;
+    `what` is the request field the prompt came from (prompt, or messages)."""
+    try:
+        return engine.prepare(ids, target.record)
+    except ContextLengthExceeded as e:
+        raise APIError(400, f"This model's maximum context length is {e.max_model_len} tokens, but the {what} "
+                            f"{'are' if what == 'messages' else 'is'} {e.prompt_len} tokens; shorten the {what}.",
+                       what, "context_length_exceeded") from None
+    except PromptError as e:
+        raise APIError(400, str(e), what, e.code) from None
+
+
 def check_length(prompt_len: int, max_tokens: int | None, max_model_len: int, what: str = "messages") -> int:
-    """The max_tokens to use; 400 when the prompt plus max_tokens does not fit the context."""
-    if prompt_len >= max_model_len:
-        raise APIError(400, f"This model's maximum context length is {max_model_len} tokens, but the {what} "
-                            f"{'are' if what == 'messages' else 'is'} {prompt_len} tokens; shorten the {what}.",
-                       "messages" if what == "messages" else "prompt", "context_length_exceeded")
+    """The max_tokens to use (the room the context leaves, when not given); 400 when the
+    prompt (checked already by `prepare`) plus max_tokens does not fit."""
     if max_tokens is None:
         return max_model_len - prompt_len
     if prompt_len + max_tokens > max_model_len:

@@ -3,6 +3,7 @@ finish (at most --drain-timeout seconds, then abort them), exit 0."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import signal
@@ -10,6 +11,9 @@ import threading
 from typing import Callable
 
 import uvicorn
+
+from loraserve.engine_client import EngineClient
+from loraserve.engine_stats import EngineStats
 
 from .app import build_app
 from .settings import ServerSettings, is_loopback
@@ -48,17 +52,15 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def startup_summary(engine, settings: ServerSettings) -> list[str]:
-    core = engine.engine
-    stats = core.stats()
-    c = core.config
+def startup_summary(engine: EngineClient, stats: EngineStats, settings: ServerSettings) -> list[str]:
+    c = engine.config
     lines = [
         f"loraserve listening on http://{settings.host}:{settings.port} (OpenAI API under /v1, docs at /docs)",
-        f"model {core.model_id}: context {core.max_model_len} tokens, {stats['kv_blocks_total']} KV blocks of "
+        f"model {engine.model_id}: context {engine.max_model_len} tokens, {stats.kv_blocks_total} KV blocks of "
         f"{c.block_size} tokens, max {c.max_num_seqs} running requests"
         + (f" + a queue of {settings.max_queue}" if settings.max_queue is not None else ""),
-        f"adapters: {stats['adapter_slots_total']} device slots of rank <= {c.max_lora_rank}, "
-        f"{c.max_cpu_loras} in the CPU cache, store at {getattr(core.store, 'root', '?')}",
+        f"adapters: {stats.adapter_slots_total} device slots of rank <= {c.max_lora_rank}, "
+        f"{c.max_cpu_loras} in the CPU cache, store at {engine.store.root}",
     ]
     if settings.api_keys:
         lines.append(f"auth: API keys from {settings.api_keys} (re-read when it changes)")
@@ -69,7 +71,7 @@ def startup_summary(engine, settings: ServerSettings) -> list[str]:
     return lines
 
 
-def run_server(engine, settings: ServerSettings) -> int:
+def run_server(engine: EngineClient, settings: ServerSettings) -> int:
     """Serve until SIGTERM/SIGINT; the caller owns (and shuts down) the engine."""
     settings.check_exposure()
     app = build_app(engine, settings)
@@ -77,7 +79,7 @@ def run_server(engine, settings: ServerSettings) -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
                             lifespan="off", timeout_graceful_shutdown=settings.drain_timeout)
     server = DrainingServer(config, on_drain=lambda: setattr(admission, "draining", True))
-    for line in startup_summary(engine, settings):
+    for line in startup_summary(engine, asyncio.run(engine.stats()), settings):
         log.info(line)
     server.run()
     if app.state.ctx.batches is not None:

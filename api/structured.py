@@ -63,5 +63,6 @@ async def constrain(compiler: GrammarCompiler, grammar: str | None, params: list
     try:
         for p in params:
             p.logits_processors.append(await to_thread.run_sync(compiler.processor, grammar))
+            p.grammar = grammar
     except GrammarError as e:
         raise APIError(400, f"{param} cannot be enforced: {e}", param) from None

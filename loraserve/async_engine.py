@@ -17,9 +17,13 @@ import threading
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
 
+from loraserve.adapters import AdapterRecord
+
 from .config import EngineConfig
 from .engine import DEFAULT_TENANT, LLMEngine
+from .engine_stats import EngineStats
 from .outputs import RequestOutput
+from .prepared import PreparedPrompt
 from .sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -42,8 +46,16 @@ class _Stream:
 
 
 class AsyncEngine:
+    """The one-process EngineClient (engine_client.py). `engine` is the LLMEngine; only the
+    loop thread calls its methods."""
+
     def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None):
-        self.engine = engine or LLMEngine(config or EngineConfig())
+        self.engine = engine = engine or LLMEngine(config or EngineConfig())
+        self.model_id, self.model_dir, self.tokenizer = engine.model_id, engine.model_dir, engine.tokenizer
+        self.vocab_size = engine.hf_config.vocab_size
+        self.config = engine.config
+        self.max_model_len = engine.max_model_len
+        self.store = engine.store
         self._commands: queue.Queue[Callable[[], None]] = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
@@ -74,18 +86,24 @@ class AsyncEngine:
         self._post(run)
         return await future
 
-    async def generate(self, prompt: str | list[int], params: SamplingParams, adapter: str | None = None,
-                       request_id: str | None = None, tenant: str = DEFAULT_TENANT,
+    def prepare(self, prompt: str | list[int], adapter: str | AdapterRecord | None = None,
+                tenant: str = DEFAULT_TENANT) -> PreparedPrompt:
+        return self.engine.prepare(prompt, adapter, tenant)     # reads fixed facts and the store only
+
+    async def generate(self, prompt: PreparedPrompt | str | list[int], params: SamplingParams,
+                       adapter: str | None = None, request_id: str | None = None, tenant: str = DEFAULT_TENANT,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yields a RequestOutput each time the request advances; the last is finished.
-        `adapter` is a store reference in the tenant's view; `priority` is the scheduler's
-        (lower first). Invalid requests raise before the first yield; a caller that stops
-        early aborts the request."""
+        `prompt` is prepared, or prepared here with `adapter` (a store reference in the
+        tenant's view); `priority` is the scheduler's (lower first). Invalid requests
+        raise before the first yield; a caller that stops early aborts the request."""
         request_id = request_id or f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        if not isinstance(prompt, PreparedPrompt):
+            prompt = self.prepare(prompt, adapter, tenant)
 
         def add(engine: LLMEngine):
-            engine.add_request(prompt, params, adapter, request_id, tenant, priority)
+            engine.add_request(prompt, params, request_id=request_id, priority=priority)
             self._streams[request_id] = stream
 
         try:
@@ -106,6 +124,25 @@ class AsyncEngine:
         finally:
             if not finished:
                 self.abort(request_id)
+
+    async def stats(self) -> EngineStats:
+        return await self.call(lambda engine: engine.stats())
+
+    async def adapter_tiers(self, records: list[AdapterRecord]) -> list[str]:
+        return await self.call(lambda engine: [engine.adapter_tier(r) for r in records])
+
+    async def remove_adapter(self, ref: str, tenant: str) -> list[AdapterRecord]:
+        return await self.call(lambda engine: engine.remove_adapter(ref, tenant))
+
+    async def adopt_adapter(self, record: AdapterRecord, blob_id: str) -> None:
+        await self.call(lambda engine: engine.adopt_adapter(record, blob_id))
+
+    async def drop_adapter(self, record: AdapterRecord) -> None:
+        await self.call(lambda engine: engine.drop_adapter(record))
+
+    async def settle(self) -> None:
+        """Commands run in order: once this one has, every abort sent before it has too."""
+        await self.call(lambda engine: None)
 
     def abort(self, request_id: str) -> None:
         def run():

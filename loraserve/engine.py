@@ -12,15 +12,18 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loraserve.adapters import (DEFAULT_TENANT, AdapterRecord, AdapterRegistry, AdapterStore, BaseModelSpec,
-                                default_store_root)
+from loraserve.adapters import (DEFAULT_TENANT, AdapterNotFound, AdapterRecord, AdapterRegistry, AdapterStore,
+                                BaseModelSpec, default_store_root)
 
 from .block_manager import BlockManager
 from .config import EngineConfig
 from .detokenizer import IncrementalDetokenizer
+from .engine_stats import EngineStats
+from .hooks import EngineHooks
 from .model.loader import load_config, load_tokenizer, resolve_model
 from .model.runner import ModelRunner, StepInput, check_supported, resolve_device, resolve_dtype
 from .outputs import RequestOutput, TokenLogprob
+from .prepared import PreparedPrompt, prepare_prompt
 from .sampler import Sample, SampleRequest, Sampler
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
@@ -28,7 +31,7 @@ from .sequence import Sequence
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_TENANT", "LLMEngine", "StepResult"]
+__all__ = ["DEFAULT_TENANT", "LLMEngine", "PreparedPrompt", "StepResult"]
 
 
 @dataclass
@@ -49,8 +52,9 @@ class RequestState:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, hooks: EngineHooks | None = None):
         self.config = config
+        self.hooks = hooks = hooks or EngineHooks()     # seams for tests and tools (hooks.py)
         source = resolve_model(config.model, config.cache_dir)
         self.model_id = source.model_id
         self.model_dir = source.local_dir       # the HF directory loaded (a fine-tuning worker loads it again)
@@ -69,9 +73,9 @@ class LLMEngine:
         self.store = AdapterStore(config.adapter_dir or default_store_root(), self.spec)
         device = resolve_device(config.device)
         self.adapters = AdapterRegistry(self.store, config.max_loras, config.max_cpu_loras,
-                                        resolve_dtype(config.dtype, device), device)
+                                        resolve_dtype(config.dtype, device), device, hooks.adapter_load)
         self.slots = self.adapters.slots
-        self.runner = ModelRunner(config, self.hf_config, source.local_dir, wanted, self.slots)
+        self.runner = ModelRunner(config, self.hf_config, source.local_dir, wanted, self.slots, hooks)
         # one request must always fit the KV pool, or preemption could never make room
         self.max_model_len = min(wanted, self.runner.num_blocks * config.block_size)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
@@ -79,6 +83,8 @@ class LLMEngine:
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, Sequence] = {}
         self.eos_token_ids = _eos_ids(self.tokenizer, self.hf_config)
+        # a prompt id must be a token the tokenizer decodes and the embedding holds
+        self.vocab_bound = min(len(self.tokenizer), self.hf_config.vocab_size)
         self._ids = itertools.count()
         log.info("model %s: %d KV blocks of %d tokens, %d adapter slots of rank %d, %s on %s",
                  self.model_id, self.runner.num_blocks, config.block_size, config.max_loras,
@@ -118,42 +124,55 @@ class LLMEngine:
     def adapter_tier(self, record: AdapterRecord) -> str:
         return self.adapters.tier(record)
 
-    def resolve_adapter(self, ref: str | None, tenant: str = DEFAULT_TENANT) -> str | None:
-        return None if ref is None else self.adapters.resolve(tenant, ref).key
+    def adopt_adapter(self, record: AdapterRecord, blob_id: str) -> None:
+        """A version registered in another process's store (a Ray ingress's): index it
+        here, and start reading it into the CPU tier (never blocks)."""
+        self.store.adopt(record, blob_id)
+        self.adapters.admit(record)
+        self.adapters.cpu.get(record)
+
+    def drop_adapter(self, record: AdapterRecord) -> None:
+        """A version deleted from another process's store: what remove_adapter does once
+        the files are gone. Requests running on it keep what is cached of it and finish."""
+        self.store.unindex(record)
+        if not self._in_use(record.key):
+            self.forget_adapter(record)
+            return
+        try:
+            self.adapters.retain(record)
+        except AdapterNotFound:   # not cached and its files are gone: its requests fail when they load
+            pass
 
     # -- requests ------------------------------------------------------------------------
-    def encode(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt)
-        if not all(isinstance(t, int) and 0 <= t < self.hf_config.vocab_size for t in prompt):
-            raise ValueError(f"prompt token ids must be integers in [0, {self.hf_config.vocab_size})")
-        return list(prompt)
+    def prepare(self, prompt: str | list[int], adapter: str | AdapterRecord | None = None,
+                tenant: str = DEFAULT_TENANT) -> PreparedPrompt:
+        """Every check of a request's prompt and adapter, done once (prepared.py): ids,
+        context length, and the adapter reference (`name`, `name@3`, `owner/name` in the
+        tenant's view) resolved to its version. Safe from any thread: it reads fixed
+        facts and the store, which has its own lock."""
+        return prepare_prompt(prompt, adapter, tenant, tokenizer=self.tokenizer, store=self.store,
+                              vocab_bound=self.vocab_bound, max_model_len=self.max_model_len)
 
-    def check_request(self, prompt: str | list[int], params: SamplingParams, adapter: str | None,
-                      tenant: str = DEFAULT_TENANT) -> tuple[list[int], str | None]:
-        """Everything that can be wrong with a request, found before anything is held."""
+    def add_request(self, prompt: PreparedPrompt | str | list[int], params: SamplingParams,
+                    adapter: str | None = None, request_id: str | None = None, tenant: str = DEFAULT_TENANT,
+                    priority: int = 0) -> str:
+        """`prompt` is prepared (see `prepare`), or a prompt that is prepared here with
+        `adapter` and `tenant`; `priority` orders it in the scheduler (lower first; see
+        scheduler.py). A bad request raises and leaves no trace."""
         if not isinstance(params, SamplingParams):
             raise TypeError("params must be a SamplingParams")
-        ids = self.encode(prompt)
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"the prompt is {len(ids)} tokens but the context window is "
-                             f"{self.max_model_len}; shorten the prompt")
-        return ids, self.resolve_adapter(adapter, tenant)
-
-    def add_request(self, prompt: str | list[int], params: SamplingParams, adapter: str | None = None,
-                    request_id: str | None = None, tenant: str = DEFAULT_TENANT, priority: int = 0) -> str:
-        """`adapter` is a store reference (`name`, `name@3`, `owner/name`) in the tenant's
-        view; `priority` orders it in the scheduler (lower first; see scheduler.py). A bad
-        request raises and leaves no trace."""
-        ids, key = self.check_request(prompt, params, adapter, tenant)
+        prepared = prompt if isinstance(prompt, PreparedPrompt) else self.prepare(prompt, adapter, tenant)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        seq = Sequence(next(self._ids), ids, params, key, arrival=time.monotonic(), priority=priority)
+        if prepared.adapter is not None:
+            self.adapters.admit(prepared.adapter)
+        ids = prepared.prompt_ids
+        seq = Sequence(next(self._ids), ids, params, prepared.adapter_key, arrival=time.monotonic(),
+                       priority=priority)
         seq.state = RequestState(
-            output=RequestOutput(request_id, ids, adapter),
+            output=RequestOutput(request_id, ids, prepared.adapter_ref,
+                                 adapter_tier=None if prepared.adapter is None else self.adapters.tier(prepared.adapter)),
             detokenizer=IncrementalDetokenizer(self.tokenizer, ids, params.stop,
                                                params.include_stop_str_in_output, params.skip_special_tokens),
             generator=None if params.seed is None else torch.Generator().manual_seed(params.seed),
@@ -237,8 +256,10 @@ class LLMEngine:
         return SampleRequest(p, seq.prompt_token_ids, seq.output_token_ids, seq.state.generator, banned)
 
     def _append(self, seq: Sequence, sample: Sample) -> RequestOutput:
-        state, p = seq.state, seq.params
+        state = seq.state
         out = state.output
+        if self.hooks.on_token is not None:
+            self.hooks.on_token(seq, sample.token_id)
         seq.output_token_ids.append(sample.token_id)
         out.token_ids = seq.output_token_ids
         out.delta_token_ids = [sample.token_id]
@@ -268,27 +289,27 @@ class LLMEngine:
         return None
 
     # -- introspection -------------------------------------------------------------------
-    def stats(self) -> dict:
-        return {
-            "num_running": len(self.scheduler.running),
-            "num_waiting": len(self.scheduler.waiting),
-            "kv_blocks_total": self.blocks.num_blocks,
-            "kv_blocks_used": self.blocks.num_used_blocks,
-            "prefix_cache_queries": self.blocks.num_cache_queries,
-            "prefix_cache_hits": self.blocks.num_cache_hits,
-            "num_preemptions": self.scheduler.num_preemptions,
-            "adapter_slots_total": self.slots.max_loras,
-            "adapter_slots_used": self.slots.num_used,
-            "adapter_slots_pinned": len(self.slots.pins),
-            "adapter_loads": self.slots.num_loads,
-            "adapter_evictions": self.slots.num_evictions,
-            "adapter_load_seconds_total": self.adapters.cpu.load_seconds_total,
-            "adapter_load_count": self.adapters.cpu.num_loads,
-            "device_hits": self.slots.num_hits,
-            "cpu_hits": self.adapters.cpu.num_hits,
-            "disk_loads": self.adapters.cpu.num_loads,
-            "resident": self.adapters.resident(),
-        }
+    def stats(self) -> EngineStats:
+        cpu = self.adapters.cpu
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_preemptions=self.scheduler.num_preemptions,
+            kv_blocks_total=self.blocks.num_blocks,
+            kv_blocks_used=self.blocks.num_used_blocks,
+            prefix_cache_queries=self.blocks.num_cache_queries,
+            prefix_cache_hits=self.blocks.num_cache_hits,
+            adapter_slots_total=self.slots.max_loras,
+            adapter_slots_used=self.slots.num_used,
+            adapter_slots_pinned=len(self.slots.pins),
+            adapter_loads=self.slots.num_loads,
+            adapter_evictions=self.slots.num_evictions,
+            device_hits=self.slots.num_hits,
+            cpu_hits=cpu.num_hits,
+            disk_loads=cpu.num_loads,
+            disk_load_seconds=cpu.load_seconds_total,
+            resident=self.adapters.resident(),
+        )
 
 
 def _eos_ids(tokenizer, hf_config) -> set[int]:

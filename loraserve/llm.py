@@ -10,6 +10,7 @@ from typing import Sequence as Seq
 
 from tqdm.auto import tqdm
 
+from .chat_template import chat_prompt_ids
 from .config import EngineConfig
 from .engine import LLMEngine
 from .outputs import RequestOutput
@@ -50,9 +51,11 @@ class LLM:
         n = len(prompts)
         params_list = _broadcast(params or SamplingParams(), n, "params")
         adapter_list = _broadcast(adapters, n, "adapters")
-        for prompt, sp, adapter in zip(prompts, params_list, adapter_list):
-            self.engine.check_request(prompt, sp, adapter)
-        ids = [self.engine.add_request(p, sp, a) for p, sp, a in zip(prompts, params_list, adapter_list)]
+        for sp in params_list:
+            if not isinstance(sp, SamplingParams):
+                raise TypeError("params must be a SamplingParams")
+        prepared = [self.engine.prepare(p, a) for p, a in zip(prompts, adapter_list)]
+        ids = [self.engine.add_request(p, sp) for p, sp in zip(prepared, params_list)]
         return self._run(ids, use_tqdm)
 
     def chat(self, conversations: list[dict] | list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None,
@@ -63,8 +66,7 @@ class LLM:
         return self.generate(prompts, params, adapters, use_tqdm)
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return chat_prompt_ids(self.tokenizer, messages)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         results: dict[str, RequestOutput] = {}

@@ -26,6 +26,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
+    adapter_tier: str | None = None                         # where the adapter was when the request came: device, cpu, disk
     replica: str | None = None                              # the Ray Serve replica that served it, if any
 
     @property

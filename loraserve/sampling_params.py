@@ -26,6 +26,9 @@ class SamplingParams:
     # per-request LogitsProcessor objects (logits_process.py), e.g. a grammar's mask;
     # stateful ones belong to this request alone: give each request its own
     logits_processors: list = field(default_factory=list)
+    # the grammar (grammar.py's text form) whose processor is among logits_processors: a
+    # compiled matcher cannot cross processes, so a Ray replica compiles it again from this
+    grammar: str | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):

@@ -120,9 +120,9 @@ def run_and_record(llm, prompts, adapters, params):
         for seq, row in zip(seqs, logits):
             recorded.setdefault(seq.state.output.request_id, []).append(row.float().cpu().clone())
 
-    llm.engine.runner.on_logits = on_logits
+    llm.engine.hooks.on_logits = on_logits
     try:
         outs = llm.generate(prompts, params, adapters=adapters, use_tqdm=False)
     finally:
-        llm.engine.runner.on_logits = None
+        llm.engine.hooks.on_logits = None
     return outs, [torch.stack(recorded[o.request_id]) for o in outs]

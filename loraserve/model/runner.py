@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from loraserve.config import EngineConfig
+from loraserve.hooks import EngineHooks
 from loraserve.kernels import build_lora_meta, warm_up_cpu_lora
 from loraserve.adapters import SlotPool
 from loraserve.sequence import Sequence
@@ -47,7 +48,8 @@ def check_supported(hf_config) -> None:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config, model_dir: str, max_model_len: int, slots: SlotPool):
+    def __init__(self, config: EngineConfig, hf_config, model_dir: str, max_model_len: int, slots: SlotPool,
+                 hooks: EngineHooks | None = None):
         check_supported(hf_config)
         self.config = config
         self.device = resolve_device(config.device)
@@ -63,7 +65,7 @@ class ModelRunner:
         self.model = model.eval()
         self.num_blocks = config.num_kv_blocks or self._blocks_for_budget(hf_config, config.kv_cache_memory)
         model.init_kv_cache(self.num_blocks + 1, self.block_size)   # + the scratch block of graph padding
-        self.on_logits = None   # test hook: called with (seqs, logits) after each step
+        self.hooks = hooks or EngineHooks()
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
             self.graphs = self.make_decode_graphs(max_model_len, capture=True)
@@ -114,8 +116,8 @@ class ModelRunner:
             batch = self._forward_batch(prefill, decode, decode_lens, positions, kv_slots, token_slots)
             hidden = self.model(self._tensor(ids), batch)
         logits = self.model.compute_logits(hidden[self._tensor(sample_idx)])
-        if self.on_logits is not None:
-            self.on_logits(sample_seqs, logits)
+        if self.hooks.on_logits is not None:
+            self.hooks.on_logits(sample_seqs, logits)
         return sample_seqs, logits
 
     def _tensor(self, values: list[int]) -> torch.Tensor:

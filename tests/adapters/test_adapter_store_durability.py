@@ -42,11 +42,9 @@ def test_restart_sees_everything(tmp_path, spec, adapter_files, other_files):
 
 @pytest.mark.parametrize("step", WRITE_STEPS)
 def test_crash_at_each_step_leaves_old_or_new(tmp_path, spec, adapter_files, other_files, step):
-    store = AdapterStore(tmp_path, spec)
-    v1 = store.register_bytes("acme", "bot", *adapter_files)
-    store._fault = crash_at(step)
+    v1 = AdapterStore(tmp_path, spec).register_bytes("acme", "bot", *adapter_files)
     with pytest.raises(SimulatedCrash):
-        store.register_bytes("acme", "bot", *other_files)
+        AdapterStore(tmp_path, spec, fault=crash_at(step)).register_bytes("acme", "bot", *other_files)
 
     reopened = AdapterStore(tmp_path, spec)  # start-up after the "crash"
     versions = reopened.versions("acme", "bot")

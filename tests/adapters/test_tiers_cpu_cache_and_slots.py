@@ -51,8 +51,7 @@ def test_cpu_tier_loads_in_background_and_keeps_lru():
 
 def test_cpu_tier_get_never_blocks_on_a_slow_load():
     gate = threading.Event()
-    tier = CpuTier(lambda r: Weights(), max_entries=4)
-    tier.before_load = lambda r: gate.wait(5) if r.key == "slow" else None
+    tier = CpuTier(lambda r: Weights(), max_entries=4, before_load=lambda r: gate.wait(5) if r.key == "slow" else None)
     start = time.monotonic()
     assert tier.get(Rec("slow")) is None
     assert tier.get(Rec("slow")) is None             # asked again: still loading, one load queued

@@ -44,6 +44,6 @@ def test_rotation_through_slots_and_cpu_cache_matches_peft(many_adapters, tmp_pa
         ref = oracle.logits(out.prompt_token_ids + out.token_ids, adapter)[len(out.prompt_token_ids) - 1 : -1]
         assert out.token_ids == ref.argmax(-1).tolist(), f"adapter {adapter}"
     stats = llm.engine.stats()
-    assert stats["adapter_evictions"] > 0, "six adapters through two slots must evict"
-    assert stats["disk_loads"] > 3, "three CPU entries for six adapters must reload from disk"
-    assert stats["kv_blocks_used"] == 0
+    assert stats.adapter_evictions > 0, "six adapters through two slots must evict"
+    assert stats.disk_loads > 3, "three CPU entries for six adapters must reload from disk"
+    assert stats.kv_blocks_used == 0

@@ -35,7 +35,7 @@ def test_slow_adapter_load_does_not_stall_other_requests(tiny_models, tmp_path):
     llm.add_adapter("slow", adapters["r8"])
     llm.add_adapter("fast", adapters["r4"])
     gate = threading.Event()
-    engine.adapters.cpu.before_load = lambda rec: gate.wait(30) if rec.name == "slow" else None
+    engine.hooks.before_adapter_load = lambda rec: gate.wait(30) if rec.name == "slow" else None
     slow = engine.add_request("slow one", GREEDY, "slow")
     fast = engine.add_request("fast one", SamplingParams(max_tokens=20, temperature=0, ignore_eos=True), "fast")
     outs = drain(engine, until=lambda o: any(x.finished for x in o.get(fast, [])))
@@ -44,7 +44,7 @@ def test_slow_adapter_load_does_not_stall_other_requests(tiny_models, tmp_path):
     gate.set()
     outs = drain(engine)
     assert outs[slow][-1].finish_reason == "length"
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0
 
 
 def test_three_times_more_adapters_than_slots_all_served_with_bounded_wait(tiny_models, tmp_path):
@@ -65,8 +65,8 @@ def test_three_times_more_adapters_than_slots_all_served_with_bounded_wait(tiny_
     # 24 requests of 6 tokens through 2 slots: nobody waits for more than a few rounds
     assert max(first_token_step.values()) <= 6 * 7
     stats = engine.stats()
-    assert stats["adapter_evictions"] > 0 and stats["disk_loads"] >= 6
-    assert stats["kv_blocks_used"] == 0 and not engine.slots.pins
+    assert stats.adapter_evictions > 0 and stats.disk_loads >= 6
+    assert stats.kv_blocks_used == 0 and not engine.slots.pins
 
 
 def test_versions_hot_swap_and_prefix_cache_isolation(tiny_models, tmp_path):
@@ -98,7 +98,7 @@ def test_delete_while_running_finishes_then_goes(tiny_models, tmp_path):
     assert outs[rid][-1].finish_reason == "length"
     with pytest.raises(AdapterNotFound):
         engine.add_request("again", GREEDY, "temp")
-    assert engine.stats()["adapter_slots_used"] <= 1 and not engine.slots.pins
+    assert engine.stats().adapter_slots_used <= 1 and not engine.slots.pins
 
 
 def test_tenants_see_only_their_own_and_shared_adapters(tiny_models, tmp_path):
@@ -132,10 +132,10 @@ def test_unloadable_adapter_fails_its_request_only(tiny_models, tmp_path):
     def corrupt(rec):
         if rec.name == "broken":
             raise OSError("disk error")
-    engine.adapters.cpu.before_load = corrupt
+    engine.hooks.before_adapter_load = corrupt
     bad = engine.add_request("x", GREEDY, "broken")
     good = engine.add_request("y", GREEDY, "fine")
     outs = drain(engine)
     assert outs[bad][-1].finish_reason == "error" and "disk error" in outs[bad][-1].error
     assert outs[good][-1].finish_reason == "length"
-    assert engine.stats()["kv_blocks_used"] == 0
+    assert engine.stats().kv_blocks_used == 0

@@ -153,7 +153,7 @@ def test_rejected_uploads_store_nothing(env, case):
         elif case == "bad-safetensors":
             r = upload(c, "garbage", (config, b"not a safetensors file"))
         elif case == "rank-too-high":
-            r = upload(c, "wide", peft_files(server.ctx.core.spec, rank=128))
+            r = upload(c, "wide", peft_files(server.engine.engine.spec, rank=128))
         elif case == "bad-config":
             r = upload(c, "badcfg", (b"{not json", weights))
         elif case == "unknown-target":

@@ -219,7 +219,7 @@ def test_flood_gets_429_with_retry_after_and_admitted_requests_finish(server, ba
         with httpx.Client(base_url=server.url, timeout=60) as c:
             return c.post("/v1/completions", json=body)
 
-    with StepGate(server.ctx.core) as gate, ThreadPoolExecutor(flood) as pool:
+    with StepGate(server.engine.engine) as gate, ThreadPoolExecutor(flood) as pool:
         futures = [pool.submit(send, i) for i in range(flood)]
         # the engine makes no progress while the gate is shut: what is answered meanwhile
         # was answered at once, without queueing behind generation
@@ -244,7 +244,7 @@ def pinned_slots(server) -> int:
     value = server.metric("loraserve_adapter_slots_pinned")
     if value is not None:
         return int(value)
-    return len(getattr(server.ctx.core.slots, "pins", {}) or {})
+    return len(getattr(server.engine.engine.slots, "pins", {}) or {})
 
 
 def engine_idle(server) -> bool:
@@ -256,7 +256,7 @@ def engine_idle(server) -> bool:
 def test_disconnect_mid_stream_aborts_the_request(server, tiny_llama):
     with server.client() as c:
         assert upload(c, "story", read_dir(tiny_llama[1]["r4"])).status_code == 201
-    with StepGate(server.ctx.core) as gate:
+    with StepGate(server.engine.engine) as gate:
         gate.allow(4)                   # the prefill and three more tokens, then the engine holds
         with server.client() as c:
             with c.stream("POST", "/v1/completions", json={"model": "story", "prompt": "a long story",
@@ -278,7 +278,7 @@ def test_disconnect_mid_stream_aborts_the_request(server, tiny_llama):
 def test_disconnect_while_waiting_for_a_plain_answer_aborts_it(server, base):
     body = json.dumps({"model": base, "messages": [{"role": "user", "content": "x"}], "max_tokens": 80,
                        "ignore_eos": True}).encode()
-    with StepGate(server.ctx.core) as gate:     # shut: the answer cannot come before the client goes away
+    with StepGate(server.engine.engine) as gate:     # shut: the answer cannot come before the client goes away
         with socket.create_connection(("127.0.0.1", server.port), timeout=30) as conn:
             conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
                          b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
@@ -292,16 +292,14 @@ def test_disconnect_while_waiting_for_a_plain_answer_aborts_it(server, base):
 
 
 def test_a_fault_in_one_request_is_its_500_and_the_others_go_on(server, base):
-    core = server.ctx.core
+    core = server.engine.engine
     doomed = server.ctx.prompts.tokenizer.encode("boom boom boom")
-    original = core._append                 # one request's post-processing
 
-    def faulty(seq, sample):
+    def faulty(seq, token_id):              # one request's post-processing
         if seq.prompt_token_ids == doomed:
             raise RuntimeError("injected fault")
-        return original(seq, sample)
 
-    core._append = faulty
+    core.hooks.on_token = faulty
     gate = StepGate(core)
     try:
         with ThreadPoolExecutor(2) as pool:
@@ -324,7 +322,7 @@ def test_a_fault_in_one_request_is_its_500_and_the_others_go_on(server, base):
             assert bystander.result().status_code == 200
             assert bystander.result().json()["usage"]["completion_tokens"] == 30
     finally:
-        core._append = original
+        core.hooks.on_token = None
         gate.close()
     ok = post(server, "/v1/completions", {"model": base, "prompt": doomed, "max_tokens": 3})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1

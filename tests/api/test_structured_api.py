@@ -164,14 +164,14 @@ def test_llama3_json_calls_are_parsed_plain_and_streamed(server, base):
     tok = server.ctx.prompts.tokenizer
     text = '{"name": "lookup", "parameters": {"word": "hi", "n": 3, "ok": true}}'
     script = tok.encode(text, add_special_tokens=False) + [tok.eos_token_id]
-    runner = server.engine.engine.runner
+    hooks = server.engine.engine.hooks
 
     def force(seqs, logits):
         for row, seq in enumerate(seqs):
             logits[row].fill_(-1e4)
             logits[row, script[min(len(seq.output_token_ids), len(script) - 1)]] = 0.0
 
-    settings, runner.on_logits = server.ctx.settings, force
+    settings, hooks.on_logits = server.ctx.settings, force
     settings.tool_call_parser = "llama3_json"
     try:
         plain = post(server, "/v1/chat/completions", chat(base, tools=[TOOL])).json()
@@ -179,7 +179,7 @@ def test_llama3_json_calls_are_parsed_plain_and_streamed(server, base):
                                             json=chat(base, tools=[TOOL], stream=True)) as s:
             events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
     finally:
-        settings.tool_call_parser, runner.on_logits = "auto", None
+        settings.tool_call_parser, hooks.on_logits = "auto", None
     choice = plain["choices"][0]
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
     [call] = choice["message"]["tool_calls"]

@@ -78,11 +78,11 @@ def base(served) -> str:
 def batches_seen(server):
     """Record (adapter, constrained) of every sequence each step samples for."""
     steps = []
-    runner = server.engine.engine.runner
+    hooks = server.engine.engine.hooks
 
     def hook(seqs, logits):
         steps.append({(s.adapter_key, bool(s.params.logits_processors)) for s in seqs})
-    runner.on_logits = hook
+    hooks.on_logits = hook
     return steps
 
 
@@ -102,7 +102,7 @@ def test_json_schema_answers_fit_across_adapters_in_one_mixed_batch(served, clie
         with ThreadPoolExecutor(len(jobs)) as pool:
             answers = list(pool.map(run, jobs))
     finally:
-        server.engine.engine.runner.on_logits = None
+        server.engine.engine.hooks.on_logits = None
     for (m, constrained), answer in zip(jobs, answers):
         text = answer.choices[0].message.content
         if constrained:
@@ -197,7 +197,7 @@ class Script:
 
     def __init__(self, server, text: str):
         engine = server.engine.engine
-        self.runner = engine.runner
+        self.hooks = engine.hooks
         self.ids = engine.tokenizer.encode(text, add_special_tokens=False) + [engine.tokenizer.eos_token_id]
 
     def __enter__(self):
@@ -206,11 +206,11 @@ class Script:
                 k = min(len(seq.output_token_ids), len(self.ids) - 1)
                 logits[row].fill_(-1e4)
                 logits[row, self.ids[k]] = 0.0
-        self.runner.on_logits = force
+        self.hooks.on_logits = force
         return self
 
     def __exit__(self, *exc):
-        self.runner.on_logits = None
+        self.hooks.on_logits = None
 
 
 CALL_TEXT = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}' \

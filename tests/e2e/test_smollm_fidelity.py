@@ -40,7 +40,7 @@ def test_embedded_model_mixed_adapters_match_peft(smollm_setup):
     for name, path in adapters.items():
         llm.add_adapter(name, path)
     recorded = {}
-    llm.engine.runner.on_logits = lambda seqs, logits: [
+    llm.engine.hooks.on_logits = lambda seqs, logits: [
         recorded.setdefault(s.state.output.request_id, []).append(row.clone()) for s, row in zip(seqs, logits)]
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True),
                         adapters=PLAN, use_tqdm=False)
@@ -54,4 +54,4 @@ def test_embedded_model_mixed_adapters_match_peft(smollm_setup):
             base_ref = oracle.logits(out.prompt_token_ids + out.token_ids, None)[len(out.prompt_token_ids) - 1 : -1]
             changed += (base_ref - ref).abs().max().item() > 0.1
     assert changed == 4, "every adapter should move the logits"
-    assert llm.engine.stats()["kv_blocks_used"] == 0
+    assert llm.engine.stats().kv_blocks_used == 0

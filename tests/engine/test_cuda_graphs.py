@@ -70,7 +70,7 @@ def test_graph_decode_matches_eager_and_peft(tiny_models, on_graph_device, plan)
         full = out.prompt_token_ids + out.token_ids
         peft = oracle.logits(full, adapter)[len(out.prompt_token_ids) - 1 : -1]
         assert (ours - peft).abs().max().item() < 1e-3, f"adapter {adapter}"
-    assert graphed.engine.stats()["kv_blocks_used"] == 0
+    assert graphed.engine.stats().kv_blocks_used == 0
 
 
 def test_decode_batches_over_the_largest_bucket_run_eagerly(tiny_models, on_graph_device):

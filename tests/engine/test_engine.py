@@ -28,8 +28,8 @@ def tiny(tiny_models):
 
 def assert_idle(llm: LLM):
     stats = llm.engine.stats()
-    assert stats["kv_blocks_used"] == 0, "KV blocks leaked"
-    assert stats["num_running"] == 0 and stats["num_waiting"] == 0
+    assert stats.kv_blocks_used == 0, "KV blocks leaked"
+    assert stats.num_running == 0 and stats.num_waiting == 0
     assert not llm.engine.slots.pins, "adapter pins leaked"
 
 
@@ -53,7 +53,7 @@ def test_more_adapters_than_slots_rotate_through(tiny):
     assert all(len(o.token_ids) == 8 for o in outs)
     for i in range(4):                                      # same adapter, same prompt, same output
         assert outs[i].token_ids == outs[i + 4].token_ids
-    assert llm.engine.stats()["adapter_evictions"] > 0
+    assert llm.engine.stats().adapter_evictions > 0
     assert_idle(llm)
 
 
@@ -113,7 +113,7 @@ def test_length_limit_at_context_window(tiny):
 
 @pytest.mark.parametrize("make_call, error, message", [
     (lambda llm: llm.generate(["x"], GREEDY, adapters=["nope"]), AdapterNotFound, "nope"),
-    (lambda llm: llm.generate([list(range(300))], GREEDY), ValueError, "context window"),
+    (lambda llm: llm.generate([list(range(300))], GREEDY), ValueError, "maximum context length is 256"),
     (lambda llm: llm.generate([""], GREEDY), ValueError, "empty"),
     (lambda llm: llm.generate([[10**9]], GREEDY), ValueError, "token ids"),
     (lambda llm: llm.generate(["x", "y"], GREEDY, adapters=["r4"]), ValueError, "entries"),
@@ -216,7 +216,7 @@ def test_async_engine_streams_and_aborts(tiny):
                 pass
         stats = await engine.call(lambda e: e.stats())
         for _ in range(200):                                # the abort lands on the engine thread, bounded
-            if stats["num_running"] == 0:
+            if stats.num_running == 0:
                 break
             await asyncio.sleep(0.05)
             stats = await engine.call(lambda e: e.stats())
@@ -227,7 +227,7 @@ def test_async_engine_streams_and_aborts(tiny):
     finally:
         engine.shutdown()
     assert sum(len(d) for d in deltas) == 6 and all(len(d) == 1 for d in deltas)
-    assert stats["kv_blocks_used"] == 0 and stats["num_running"] == 0
+    assert stats.kv_blocks_used == 0 and stats.num_running == 0
     sync = llm.generate(["stream me"], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True),
                         adapters="r8", use_tqdm=False)[0]
     assert [t for d in deltas for t in d] == sync.token_ids
@@ -241,14 +241,11 @@ def test_a_failing_request_fails_alone(tiny, monkeypatch):
     victim = engine.add_request("victim", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
     others = [engine.add_request(f"other {i}", SamplingParams(max_tokens=6, temperature=0, ignore_eos=True), a)
               for i, a in enumerate(["r4", None])]
-    original = engine._append
-
-    def explode(seq, sample):
+    def explode(seq, token_id):
         if seq.state.output.request_id == victim and len(seq.output_token_ids) == 2:
             raise RuntimeError("boom")
-        return original(seq, sample)
 
-    monkeypatch.setattr(engine, "_append", explode)
+    monkeypatch.setattr(engine.hooks, "on_token", explode)
     final = {}
     while engine.has_unfinished():
         for out in engine.step().outputs:

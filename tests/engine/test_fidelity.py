@@ -71,8 +71,8 @@ def test_mixed_batch_matches_peft(model_and_oracle, path):
     check_against_oracle(oracle, outs, logits, plan)
     stats = llm.engine.stats()
     if path == "preemption":
-        assert stats["num_preemptions"] > 0, "the tiny pool was meant to force preemption"
-    assert stats["kv_blocks_used"] == 0, "blocks leaked"
+        assert stats.num_preemptions > 0, "the tiny pool was meant to force preemption"
+    assert stats.kv_blocks_used == 0, "blocks leaked"
 
 
 def test_prefix_cache_hits_match_peft(model_and_oracle):
@@ -81,9 +81,9 @@ def test_prefix_cache_hits_match_peft(model_and_oracle):
     llm = make_llm(base_dir, adapters, block_size=4)
     plan = adapter_plan()
     run_and_record(llm, PROMPTS, plan, GREEDY)
-    hits_before = llm.engine.stats()["prefix_cache_hits"]
+    hits_before = llm.engine.stats().prefix_cache_hits
     outs, logits = run_and_record(llm, PROMPTS, plan, GREEDY)
-    assert llm.engine.stats()["prefix_cache_hits"] > hits_before
+    assert llm.engine.stats().prefix_cache_hits > hits_before
     assert any(o.num_cached_tokens > 0 for o in outs)
     check_against_oracle(oracle, outs, logits, plan)
 
@@ -120,4 +120,4 @@ def test_bfloat16_is_as_close_to_peft_as_peft_in_bfloat16(model_and_oracle):
         assert err <= 2 * peer_err + 1e-3, f"adapter {adapter}: bf16 error {err}, HF+PEFT bf16's {peer_err}"
         agree += sum(a == b for a, b in zip(out.token_ids, ref.argmax(-1).tolist()))
     assert agree >= 0.9 * NUM_TOKENS * len(PROMPTS), f"greedy tokens agree at {agree} positions only"
-    assert llm.engine.stats()["kv_blocks_used"] == 0
+    assert llm.engine.stats().kv_blocks_used == 0

@@ -133,7 +133,7 @@ def test_finetune_then_serve(served, smollm_dir):
     tok = AutoTokenizer.from_pretrained(smollm_dir)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smollm_dir, dtype=torch.float32),
                                       record.path).eval()
-    eos = list(server.ctx.core.eos_token_ids)
+    eos = list(server.engine.engine.eos_token_ids)
     for question, served_text in zip(HELD_OUT[:3], after_texts[:3]):
         text = tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
                                        tokenize=False)

@@ -148,3 +148,31 @@ def replica_actor(replica_id: str):
         if "LoraEngine" in actor["name"] and replica_id in actor["name"]:
             return ray.get_actor(actor["name"], namespace=actor["namespace"])
     raise LookupError(f"no actor for replica {replica_id}")
+
+
+SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}
+
+
+def test_structured_outputs_and_prompt_logprobs_run_on_the_replicas(cluster, reference):
+    """A grammar's compiled matcher cannot be pickled: the replica compiles the grammar
+    again from its text, and the answer equals the single-node server's and fits the
+    schema. Teacher-forced prompt scoring (echo with logprobs) crosses too."""
+    rf = {"type": "json_schema", "json_schema": {"name": "n", "schema": SCHEMA, "strict": True}}
+    body = {"messages": [{"role": "user", "content": "a number"}], "max_tokens": 12, "temperature": 0,
+            "response_format": rf}
+    scored = {"prompt": PROMPT, "max_tokens": 1, "temperature": 0, "echo": True, "logprobs": 1}
+    with cluster.client() as c:
+        for model in [c.get("/v1/models").json()["data"][0]["id"], cluster.adapters[0]]:
+            ours = c.post("/v1/chat/completions", json={"model": model, **body})
+            assert ours.status_code == 200, ours.text
+            theirs = reference.post("/v1/chat/completions", json={"model": model, **body}).json()
+            answer = ours.json()["choices"][0]["message"]["content"]
+            assert answer == theirs["choices"][0]["message"]["content"], model
+            if ours.json()["choices"][0]["finish_reason"] == "stop":
+                assert isinstance(json.loads(answer)["n"], int)
+            echo = c.post("/v1/completions", json={"model": model, **scored})
+            assert echo.status_code == 200, echo.text
+            want = reference.post("/v1/completions", json={"model": model, **scored}).json()
+            got_lps = echo.json()["choices"][0]["logprobs"]["token_logprobs"]
+            assert got_lps[0] is None and got_lps[1:] == pytest.approx(want["choices"][0]["logprobs"]["token_logprobs"][1:],
+                                                                        abs=1e-4)

@@ -167,7 +167,8 @@ def test_snapshot_of_an_engine_that_has_not_reported():
     from loraserve.api.admission import Admission
     from loraserve.api.console_state import ConsoleState
     from loraserve.api.metrics import ServerMetrics
+    from loraserve.engine_stats import EngineStats
 
-    e = ConsoleState(ServerMetrics()).snapshot({"resident": {}}, Admission(4, 8, 1))
+    e = ConsoleState(ServerMetrics()).snapshot(EngineStats.total([]), Admission(4, 8, 1))
     assert e["requests"]["running"] == 0 and e["kv_blocks"] == {"used": 0, "total": 0}
     assert e["adapters"]["disk_load_mean_s"] is None and e["ttft_s"]["p50"] is None
