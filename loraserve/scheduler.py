@@ -183,12 +183,10 @@ class Scheduler:
     def advance(self, batch: ScheduledBatch) -> list[Sequence]:
         """Record the computed tokens; returns the sequences that now need a sampled token
         (their whole context is computed)."""
-        ready = []
+        ready = [seq for seq, n in batch.items if seq.needs_token_after(n)]
         for seq, n in batch.items:
             seq.num_computed_tokens += n
             self.blocks.register_full_blocks(seq)
-            if seq.num_computed_tokens == seq.num_tokens:
-                ready.append(seq)
         return ready
 
     def finish(self, seq: Sequence, reason: str) -> None:

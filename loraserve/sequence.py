@@ -42,6 +42,11 @@ class Sequence:
     def token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def needs_token_after(self, num_new_tokens: int) -> bool:
+        """Computing `num_new_tokens` more completes the context: a token is sampled. The
+        one definition the scheduler (advance) and the runner (which rows get logits) share."""
+        return self.num_computed_tokens + num_new_tokens == self.num_tokens
+
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED

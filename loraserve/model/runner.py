@@ -104,7 +104,7 @@ class ModelRunner:
             kv_slots.extend(seq.block_table[p // self.block_size] * self.block_size + p % self.block_size
                          for p in range(start, end))
             token_slots.extend([item.slot] * item.num_tokens)
-            if end == seq.num_tokens:          # the whole context is in: sample a token
+            if seq.needs_token_after(item.num_tokens):
                 sample_idx.append(len(ids) - 1)
                 sample_seqs.append(seq)
         decode_lens = [i.seq.num_computed_tokens + 1 for i in decode]
