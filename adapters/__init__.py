@@ -1,7 +1,7 @@
 """Everything about LoRA adapters: PEFT format and validation, and the durable store."""
 
 from .base_spec import LORA_MODULES, BaseModelSpec
-from .errors import AdapterConflict, AdapterError, AdapterNotFound, AdapterRejected
+from .errors import AdapterConflict, AdapterError, AdapterNotFound, AdapterRejected, ServiceError
 from .names import DEFAULT_TENANT, check_name, parse_ref
 from .peft_format import LoRAAdapter, load_peft_bytes, load_peft_dir, write_peft_files
 from .record import AdapterRecord

@@ -1,4 +1,5 @@
-"""Typed adapter errors; the HTTP layer maps each class to one status code.
+"""Typed errors of adapters and of the services built on the store (files, fine-tuning
+jobs, batches); the HTTP layer maps each class to one status code (api/errors.py).
 
 Every message says what went wrong and what the user can do about it, because it is
 shown verbatim to whoever uploaded or requested the adapter.
@@ -27,3 +28,13 @@ class AdapterNotFound(AdapterError, KeyError):
 
 class AdapterConflict(AdapterError):
     """The request conflicts with the store's state, e.g. an ambiguous shared name (HTTP 409)."""
+
+
+class ServiceError(Exception):
+    """Base class: a request about a file, a fine-tuning job or a batch that the caller can
+    correct. `message` is shown verbatim; `param` names the request field at fault."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param

@@ -10,7 +10,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import (adapters_routes, batches_routes, chat, completions, console_routes, files_routes, finetune_routes,
                ops_routes, tokenize_routes, vllm_compat)
-from .batches import batch_service
+from .batch_requests import batch_service
 from .context import ServeContext
 from .errors import APIError, install_error_handlers
 from .metrics import CountRequests

@@ -7,6 +7,7 @@ do, batch lines do too. Three things differ, through a copy of the server's cont
 the engine requests run at BATCH_PRIORITY (behind interactive traffic, scheduler.py),
 they take no place in the interactive admission queue (the batch runner bounds them
 itself), and they stay out of the latency histograms, which describe interactive traffic.
+The batch runner (loraserve/batches) is handed a BatchRequests as its LineAnswerer.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 from types import SimpleNamespace
 
 import anyio
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
+from loraserve.batches import BatchManager, Owner
 from loraserve.scheduler import BATCH_PRIORITY
 
 from . import chat, completions
@@ -63,11 +66,13 @@ class BatchRequests:
         except Exception:       # noqa: BLE001 - a dead engine sends nothing either
             pass
 
-    async def answer(self, endpoint: str, body: object, caller: Caller) -> tuple[int, dict]:
-        """(HTTP status, response body) of one request, as the endpoint would answer it."""
+    async def answer(self, endpoint: str, body: object, owner: Owner) -> tuple[int, dict]:
+        """(HTTP status, response body) of one request, as the endpoint would answer it
+        for the batch's owner."""
         request_model, handler = ROUTES[endpoint]
         try:
-            response = await handler(_parse(request_model, body), self._request(endpoint), caller)
+            response = await handler(_parse(request_model, body), self._request(endpoint),
+                                     Caller(owner.tenant, owner.admin))
             return response.status_code, json.loads(response.body)
         except asyncio.CancelledError:
             raise
@@ -81,6 +86,15 @@ class BatchRequests:
         scope = {"type": "http", "method": "POST", "path": endpoint, "headers": [], "query_string": b"",
                  "app": self._app, "state": {}}
         return Request(scope, receive=_never)
+
+
+def batch_service(ctx) -> BatchManager | None:
+    """The server's batch manager; None when the Batch API is off (no file store, or
+    --batch-concurrency 0)."""
+    if ctx.files is None or ctx.settings.batch_concurrency < 1:
+        return None
+    root = os.path.dirname(ctx.files.dir)
+    return BatchManager(root, ctx.files, BatchRequests(ctx), ctx.settings.batch_concurrency)
 
 
 def _parse(request_model: type[BaseModel], body: object) -> BaseModel:

@@ -1,7 +1,7 @@
 """/v1/batches: OpenAI's Batch API over files uploaded with purpose "batch".
 
 create (validating at once, then run line by line behind interactive traffic: see
-batches.py), list, retrieve, cancel. Per tenant: another tenant's batch answers 404
+loraserve/batches/), list, retrieve, cancel. Per tenant: another tenant's batch answers 404
 like a missing one, and each line may name only the adapters its tenant may use.
 Results are files of purpose "batch_output", read with GET /v1/files/{id}/content.
 """
@@ -14,11 +14,11 @@ from anyio import to_thread
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import Field
 
+from loraserve.adapters.files import BATCH
+from loraserve.batches import ENDPOINTS, WINDOWS, BatchManager
+
 from .auth import Caller, authenticate
-from .batch_lines import ENDPOINTS
-from .batches import WINDOWS, BatchManager
 from .errors import APIError
-from .files import BATCH
 from .files_routes import page
 from .openai_models import _Strict
 

@@ -13,10 +13,10 @@ from loraserve.engine_client import EngineClient
 from loraserve.grammar import GrammarCompiler
 
 from .admission import Admission
-from .jobs import finetune_services
 from .keys import KeyRing
 from .metrics import ServerMetrics
 from .prompts import Prompts
+from .services import finetune_services
 from .settings import ServerSettings
 
 
@@ -29,9 +29,9 @@ class ServeContext:
     prompts: Prompts
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     started_at: float = field(default_factory=time.time)
-    files: object | None = None     # api.files.FileStore; None when fine-tuning is off
-    jobs: object | None = None      # api.jobs.JobManager; None when fine-tuning is off
-    batches: object | None = None   # api.batches.BatchManager, set by build_app; None when the Batch API is off
+    files: object | None = None     # adapters.files.FileStore; None when fine-tuning is off
+    jobs: object | None = None      # adapters.finetune_jobs.JobManager; None when fine-tuning is off
+    batches: object | None = None   # loraserve.batches.BatchManager, set by build_app; None when the Batch API is off
     grammar: GrammarCompiler | None = None   # structured outputs and forced tool calls
 
     @classmethod

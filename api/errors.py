@@ -1,8 +1,9 @@
 """Every 4xx/5xx answer in OpenAI's error shape: {"error": {"message", "type", "param", "code"}}.
 
 Handlers map each failure class to one status: pydantic validation and bad JSON -> 400,
-AdapterRejected -> 400, AdapterNotFound -> 404, AdapterConflict -> 409, ValueError from
-the engine's checks -> 400, anything unexpected -> 500 (that request only).
+AdapterRejected -> 400, AdapterNotFound -> 404, AdapterConflict -> 409, the file, job and
+batch services' errors -> SERVICE_ERRORS, ValueError from the engine's checks -> 400,
+anything unexpected -> 500 (that request only).
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
-from loraserve.adapters import AdapterConflict, AdapterError, AdapterNotFound, AdapterRejected
+from loraserve.adapters import AdapterConflict, AdapterError, AdapterNotFound, AdapterRejected, ServiceError
+from loraserve.adapters.files import FileNotFound, FileTooLarge, InvalidFile, InvalidPurpose, WrongFilePurpose
+from loraserve.adapters.finetune_job import JobNotCancellable, JobNotFound
 from loraserve.async_engine import EngineDeadError
+from loraserve.batches import BatchesStopped, BatchNotCancellable, BatchNotFound
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +28,21 @@ log = logging.getLogger(__name__)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
           429: "rate_limit_error", 500: "server_error", 502: "server_error", 503: "service_unavailable"}
+
+# (status, code) of each error the file, fine-tuning and batch services raise; the
+# message and param are the error's own.
+SERVICE_ERRORS: dict[type[ServiceError], tuple[int, str]] = {
+    FileNotFound: (404, "file_not_found"),
+    WrongFilePurpose: (400, "invalid_file_purpose"),
+    InvalidPurpose: (400, "invalid_purpose"),
+    FileTooLarge: (413, "file_too_large"),
+    InvalidFile: (400, "invalid_file"),
+    JobNotFound: (404, "job_not_found"),
+    JobNotCancellable: (400, "job_not_cancellable"),
+    BatchNotFound: (404, "batch_not_found"),
+    BatchNotCancellable: (409, "batch_not_cancellable"),
+    BatchesStopped: (503, "batches_stopped"),
+}
 
 
 class APIError(Exception):
@@ -60,6 +79,10 @@ def from_exception(e: BaseException) -> APIError:
     """The APIError an exception from the engine or the store stands for."""
     if isinstance(e, APIError):
         return e
+    if isinstance(e, ServiceError):
+        status, code = next((SERVICE_ERRORS[c] for c in type(e).__mro__ if c in SERVICE_ERRORS),
+                            (500, "internal_error"))
+        return APIError(status, e.message, e.param, code)
     if isinstance(e, EngineDeadError):
         return APIError(503, f"the engine has stopped ({e}); this replica cannot serve, retry on another",
                         code="engine_dead")
@@ -134,7 +157,7 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"method {request.method} is not allowed on {request.url.path}"
         return APIError(e.status_code, message).response()
 
-    for cls in (AdapterError, ValueError):
+    for cls in (AdapterError, ServiceError, ValueError):
         @app.exception_handler(cls)
         async def _known(request: Request, e: Exception):
             return from_exception(e).response()

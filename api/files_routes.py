@@ -2,7 +2,7 @@
 `purpose`), list, inspect, read back, delete; per tenant (another tenant's file is a 404).
 
 An upload is checked line by line before it is stored: a bad line is a 400 naming the
-line number and the problem (adapters.finetune_data; batch_lines for purpose "batch").
+line number and the problem (adapters/files.py).
 A batch's results come back here as files of purpose "batch_output".
 """
 
@@ -13,9 +13,10 @@ from fastapi import APIRouter, Depends, Query, Request
 from starlette.datastructures import UploadFile
 from starlette.responses import Response
 
+from loraserve.adapters.files import PURPOSE, UPLOAD_PURPOSES, FileStore
+
 from .auth import Caller, authenticate
 from .errors import APIError
-from .files import PURPOSE, UPLOAD_PURPOSES, FileStore
 from .uploads import read_capped_form
 
 router = APIRouter(tags=["files"])

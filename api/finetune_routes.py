@@ -1,6 +1,6 @@
 """/v1/fine_tuning/jobs: OpenAI's fine-tuning API, training LoRA adapters of the served base.
 
-create (queued at once; trained by a worker process, see jobs.py), list, retrieve,
+create (queued at once; trained by a worker process, see adapters/finetune_jobs.py), list, retrieve,
 events, cancel. Per tenant: another tenant's job answers 404 like a missing one, and
 the finished adapter lands in the caller's namespace as the job's `fine_tuned_model`.
 
@@ -23,13 +23,13 @@ from pydantic import Field
 from loraserve.adapters import LORA_MODULES, AdapterRejected, check_name
 from loraserve.adapters.finetune import (BASE_LEARNING_RATE, LIMITS, FinetuneConfig, auto_hyperparameters,
                                          mean_example_tokens)
+from loraserve.adapters.files import PURPOSE
 from loraserve.adapters.finetune_data import parse_jsonl
+from loraserve.adapters.finetune_jobs import JobManager
 
 from .auth import Caller, authenticate
 from .errors import APIError
-from .files import PURPOSE
 from .files_routes import finetune_service, page
-from .jobs import JobManager
 from .openai_models import _Strict
 
 router = APIRouter(tags=["fine-tuning"])

@@ -22,6 +22,11 @@ ENGINE_FLAGS = {
     "num_kv_blocks": "exact number of KV blocks (overrides --kv-cache-memory)",
     "max_num_seqs": "most requests in one engine step",
     "max_num_batched_tokens": "most tokens in one engine step; longer prompts are prefilled in chunks",
+    "max_background_tokens": "while interactive requests are waiting or running, Batch API lines take at most "
+                             "this many tokens of a step (a decode is one; prompts are chunked), so interactive "
+                             "latency stays as without the batch; 0 = no cap",
+    "background_hold_steps": "engine steps the --max-background-tokens cap holds after the last interactive "
+                             "request, so the step a new request arrives behind is short too",
     "enable_prefix_caching": "reuse KV blocks of identical prompt prefixes under the same adapter",
     "max_loras": "adapter slots on the device: distinct adapters that can run in one step",
     "max_lora_rank": "largest LoRA rank accepted; slot buffers are sized to it",

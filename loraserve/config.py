@@ -19,6 +19,8 @@ class EngineConfig:
     num_kv_blocks: int | None = None    # overrides kv_cache_memory (tests force preemption)
     max_num_seqs: int = 256             # requests in one step
     max_num_batched_tokens: int = 2048  # tokens in one step; longer prompts are chunked
+    max_background_tokens: int = 16     # tokens of a step for batch lines while interactive work is about; 0 = no cap
+    background_hold_steps: int = 8      # steps the cap holds after the last interactive request
     enable_prefix_caching: bool = True
     max_loras: int = 8                  # adapter slots on the device
     max_lora_rank: int = 16             # slot buffers are sized to this rank
@@ -38,6 +40,9 @@ class EngineConfig:
         for name, value in checks.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        for name in ("max_background_tokens", "background_hold_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
         if self.max_cpu_loras is None:

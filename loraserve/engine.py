@@ -79,7 +79,9 @@ class LLMEngine:
         # one request must always fit the KV pool, or preemption could never make room
         self.max_model_len = min(wanted, self.runner.num_blocks * config.block_size)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, self.slots, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.blocks, self.slots, config.max_num_seqs, config.max_num_batched_tokens,
+                                   max_background_tokens=config.max_background_tokens,
+                                   background_hold_steps=config.background_hold_steps)
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, Sequence] = {}
         self.eos_token_ids = _eos_ids(self.tokenizer, self.hf_config)

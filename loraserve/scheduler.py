@@ -12,6 +12,14 @@ preempts the newest running request of a lower priority; and no lower-priority p
 joins a step that prefills a more urgent one (that step is the urgent request's time to
 first token). Batch API lines run at BATCH_PRIORITY, everything else at
 INTERACTIVE_PRIORITY.
+
+Background cap: while a more urgent request is waiting or running, and for
+`background_hold_steps` steps after (interactive traffic comes in sessions; the step
+already running when a request arrives is part of its time to first token), the less
+urgent requests take at most `max_background_tokens` tokens of a step: a decode is one,
+a prompt is chunked to what is left. The oldest of them take the cap first, so at least
+one always moves on: background work slows down, it never stops. With no urgent work
+in sight the cap is off and background work runs at full speed.
 """
 
 from __future__ import annotations
@@ -55,9 +63,15 @@ class Scheduler:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_slot_wait_steps: int = 16    # then requests behind one that waits for a slot hold back
+    max_background_tokens: int = 0   # tokens of a step for less urgent requests while urgent ones are about; 0 = no cap
+    background_hold_steps: int = 0   # the cap holds this many steps after the last urgent request
     waiting: deque[Sequence] = field(default_factory=deque)
     running: list[Sequence] = field(default_factory=list)
     num_preemptions: int = 0
+    num_steps: int = 0
+    _urgent_seen: dict[int, int] = field(default_factory=dict)   # priority -> last step it was the most urgent
+    _background_above: int | None = None    # this step: requests less urgent than this are background
+    _background_left: int = 0               # this step: tokens background requests may still take
 
     def add(self, seq: Sequence) -> None:
         """Behind every waiting request of the same or a more urgent priority."""
@@ -79,6 +93,7 @@ class Scheduler:
         items: list[tuple[Sequence, int]] = []
         yielded = self._yield_to_urgent()
         self.running.sort(key=lambda s: s.priority)     # stable: arrival order within a priority
+        self._start_background_cap()
         preempted = self._schedule_running(items, budget)
         budget -= sum(n for _, n in items)
         if not preempted:
@@ -101,6 +116,28 @@ class Scheduler:
             preempted += 1
         return preempted
 
+    def _start_background_cap(self) -> None:
+        """Which requests count as background this step, and their token allowance: those
+        less urgent than the most urgent request present now or in the last
+        background_hold_steps steps."""
+        self.num_steps += 1
+        present = [q[0].priority for q in (self.waiting, self.running) if q]   # each queue is urgent-first
+        if present:
+            self._urgent_seen[min(present)] = self.num_steps
+        recent = [p for p, step in self._urgent_seen.items() if self.num_steps - step <= self.background_hold_steps]
+        self._background_above = min(recent) if recent and self.max_background_tokens > 0 else None
+        self._background_left = self.max_background_tokens
+
+    def _capped(self, seq: Sequence, n: int) -> int:
+        """n, cut to the background allowance when seq is background this step."""
+        if self._background_above is None or seq.priority <= self._background_above:
+            return n
+        return min(n, self._background_left)
+
+    def _take(self, seq: Sequence, n: int) -> None:
+        if self._background_above is not None and seq.priority > self._background_above:
+            self._background_left -= n
+
     def _cannot_start(self, seq: Sequence) -> bool:
         if len(self.running) >= self.max_num_seqs:
             return True
@@ -113,7 +150,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = self._capped(seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
+            if n == 0:
+                break       # the background allowance is spent; every later request is background too
             while not self.blocks.can_allocate(seq, n):
                 victim = self.running[-1]      # the newest request gives way
                 self.preempt(victim)
@@ -122,6 +161,7 @@ class Scheduler:
                     return preempted
             self.blocks.allocate(seq, n)
             items.append((seq, n))
+            self._take(seq, n)
             budget -= n
             i += 1
         return preempted
@@ -142,8 +182,8 @@ class Scheduler:
             if _prefills_more_urgent(items, seq.priority):
                 break       # its prompt would lengthen the step an interactive request waits on
             hits = self.blocks.match_prefix(seq)
-            n = min(seq.num_tokens - len(hits) * self.blocks.block_size, budget)
-            if not self.blocks.can_admit(seq, hits, n):
+            n = self._capped(seq, min(seq.num_tokens - len(hits) * self.blocks.block_size, budget))
+            if n == 0 or not self.blocks.can_admit(seq, hits, n):
                 break
             if seq.adapter_key is not None and not self._pin(seq, blocked):
                 if blocked is None and seq.slot_wait_steps:
@@ -157,6 +197,7 @@ class Scheduler:
             seq.slot_wait_steps = 0
             self.running.append(seq)
             items.append((seq, n))
+            self._take(seq, n)
             budget -= n
         self.waiting.extendleft(reversed(skipped))
 

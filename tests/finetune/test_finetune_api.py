@@ -16,8 +16,8 @@ from livekit import live_server
 from loraserve import EngineConfig
 from loraserve.adapters import AdapterStore
 from loraserve.api import ServerSettings
-from loraserve.api.files import FileStore
-from loraserve.api.jobs import JobManager
+from loraserve.adapters.files import FileStore
+from loraserve.adapters.finetune_jobs import JobManager
 from loraserve.async_engine import AsyncEngine
 from loraserve.api.cli import main
 

@@ -1,10 +1,5 @@
-"""Batches: OpenAI's Batch API as a job-like state machine over the file store, its lines
-run behind interactive traffic.
-
-    validating -> in_progress -> finalizing -> completed
-        |             |--> cancelling -> cancelled     POST /v1/batches/{id}/cancel
-        |             '--> expired                     the completion window passed
-        '--> failed                                    a line that cannot be a request; the input file is gone
+"""The batch runner: OpenAI's Batch API as a job-like state machine over the file store,
+its lines run behind interactive traffic (the statuses are in batch.py).
 
     <root>/batches/<tenant>/<batch id>.json            the batch, rewritten atomically when its status changes
     <root>/batches/<tenant>/<batch id>.output.jsonl    answered lines so far, appended as each one ends
@@ -12,9 +7,10 @@ run behind interactive traffic.
 When a batch ends, the file store adopts the two partial files (a rename, no copy) as
 files of purpose "batch_output": its output_file_id and error_file_id.
 
-Lines are answered by batch_requests (the routes' own code) at BATCH_PRIORITY, at most
-`max_concurrent_lines` at once over all batches, on a thread with its own event loop, so
-the HTTP server's loop never waits on a batch.
+Lines are answered by the `requests` object the server hands in (api/batch_requests.py:
+the routes' own code, at BATCH_PRIORITY), at most `max_concurrent_lines` at once over
+all batches, on a thread with its own event loop, so the HTTP server's loop never waits
+on a batch.
 
 Restart: a batch that was validating or in progress resumes from the lines that are not
 in its partial files (a line a crash tore is cut off and runs again); one that was
@@ -32,77 +28,34 @@ import os
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from typing import Protocol
 
 from anyio import to_thread
 
 from loraserve.adapters.durable import fsync_dir, write_file_atomic
+from loraserve.adapters.files import BATCH, BATCH_OUTPUT, FileNotFound, FileStore, WrongFilePurpose
 
-from .auth import Caller
-from .batch_lines import BatchLine, answered, read_requests, unrun
-from .batch_requests import BatchRequests
-from .errors import APIError
-from .files import BATCH, BATCH_OUTPUT, FileStore
+from .batch import (CANCELLABLE, ENDED, WINDOWS, Batch, BatchesStopped, BatchNotCancellable, BatchNotFound,
+                    EngineStopped, Owner)
+from .lines import BatchLine, answered, read_requests, unrun
+from .partial_files import append_line, count_lines, read_lines
 
 log = logging.getLogger(__name__)
 
-WINDOWS = {"24h": 24 * 3600}        # completion windows, as OpenAI offers them
-CANCELLABLE = ("validating", "in_progress")
-ENDED = {"finalizing": "completed", "cancelling": "cancelled"}     # the last status, unless an outcome was decided
 
+class LineAnswerer(Protocol):
+    """What answers a batch's lines: the server's own endpoint code (api/batch_requests.py)."""
 
-class EngineStopped(Exception):
-    """The engine has stopped (the server is going down): leave the batch for the next start."""
+    async def answer(self, endpoint: str, body: object, owner: Owner) -> tuple[int, dict]:
+        """(HTTP status, response body) of one line, as the endpoint would answer it; an
+        error body with code "engine_dead" means the engine stopped under it."""
 
-
-@dataclass
-class Batch:
-    id: str
-    tenant: str
-    admin: bool                 # the creator's rights, which its lines run with
-    endpoint: str
-    input_file_id: str
-    completion_window: str
-    created_at: int
-    expires_at: int
-    metadata: dict | None = None
-    status: str = "validating"
-    in_progress_at: int | None = None
-    finalizing_at: int | None = None
-    completed_at: int | None = None
-    failed_at: int | None = None
-    expired_at: int | None = None
-    cancelling_at: int | None = None
-    cancelled_at: int | None = None
-    output_file_id: str | None = None
-    error_file_id: str | None = None
-    errors: list[dict] | None = None
-    total: int = 0
-    completed: int = 0          # lines answered 200
-    failed: int = 0             # lines in the error file
-    input_tokens: int = 0
-    output_tokens: int = 0
-    outcome: str | None = None  # failed or expired once decided; shown as the status when its files are in place
-    result_ids: list[str] | None = None     # [output, error] file ids, chosen once so a restart adopts each once
-    finalized: bool = False     # its result files are in the store: nothing left to do
-
-    def to_openai(self) -> dict:
-        counts = {"total": self.total, "completed": self.completed, "failed": self.failed}
-        usage = {"input_tokens": self.input_tokens, "input_tokens_details": {"cached_tokens": 0},
-                 "output_tokens": self.output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-                 "total_tokens": self.input_tokens + self.output_tokens}
-        errors = {"object": "list", "data": self.errors} if self.errors else None
-        times = {f"{s}_at": getattr(self, f"{s}_at") for s in
-                 ("in_progress", "finalizing", "completed", "failed", "expired", "cancelling", "cancelled")}
-        return {"id": self.id, "object": "batch", "endpoint": self.endpoint, "errors": errors,
-                "input_file_id": self.input_file_id, "completion_window": self.completion_window,
-                "status": self.status, "output_file_id": self.output_file_id, "error_file_id": self.error_file_id,
-                "created_at": self.created_at, "expires_at": self.expires_at, **times,
-                "request_counts": counts, "usage": usage, "metadata": self.metadata, "model": None}
+    async def settle(self) -> None:
+        """Return once every abort sent so far has reached the engine."""
 
 
 class BatchManager:
-    def __init__(self, root: str, files: FileStore, requests: BatchRequests, max_concurrent_lines: int,
+    def __init__(self, root: str, files: FileStore, requests: LineAnswerer, max_concurrent_lines: int,
                  windows: dict[str, int] | None = None):
         self.files = files
         self.requests = requests
@@ -127,9 +80,10 @@ class BatchManager:
             self._submit(batch)
 
     # -- the API -----------------------------------------------------------------------
-    def create(self, caller: Caller, input_file_id: str, endpoint: str, completion_window: str,
+    def create(self, caller, input_file_id: str, endpoint: str, completion_window: str,
                metadata: dict | None) -> Batch:
-        """A new batch, validating, on disk; `start` sets it going."""
+        """A new batch, validating, on disk; `start` sets it going. Its lines run with the
+        rights of `caller` (anything with `tenant` and `admin`)."""
         now = int(time.time())
         batch = Batch(id=f"batch_{uuid.uuid4().hex[:24]}", tenant=caller.tenant, admin=caller.admin,
                       endpoint=endpoint, input_file_id=input_file_id, completion_window=completion_window,
@@ -142,16 +96,14 @@ class BatchManager:
 
     def start(self, batch: Batch) -> None:
         if self._closed:
-            raise APIError(503, "the batch runner has stopped (the server is shutting down); retry later",
-                           code="batches_stopped")
+            raise BatchesStopped("the batch runner has stopped (the server is shutting down); retry later")
         self._submit(batch)
 
     def get(self, tenant: str, batch_id: str) -> Batch:
         with self._lock:
             batch = self._batches.get(batch_id)
         if batch is None or batch.tenant != tenant:     # another tenant's batch: the same answer
-            raise APIError(404, f"no batch {batch_id!r} for this tenant; GET /v1/batches lists yours", "batch_id",
-                           "batch_not_found")
+            raise BatchNotFound(f"no batch {batch_id!r} for this tenant; GET /v1/batches lists yours", "batch_id")
         return batch
 
     def list(self, tenant: str) -> list[Batch]:
@@ -167,8 +119,8 @@ class BatchManager:
             if batch.status in ("cancelling", "cancelled"):
                 return batch
             if batch.status not in CANCELLABLE:
-                raise APIError(409, f"batch {batch_id} is {batch.status}; only a validating or in-progress batch "
-                                    "can be cancelled", "batch_id", "batch_not_cancellable")
+                raise BatchNotCancellable(f"batch {batch_id} is {batch.status}; only a validating or in-progress "
+                                          "batch can be cancelled", "batch_id")
             batch.status, batch.cancelling_at = "cancelling", int(time.time())
             self._persist(batch)
             if not self._closed:        # else the next start finishes the cancel
@@ -234,7 +186,7 @@ class BatchManager:
             await to_thread.run_sync(self._finalize, batch)
 
     async def _run_lines(self, batch: Batch, lines: list[BatchLine]) -> None:
-        caller = Caller(batch.tenant, batch.admin)
+        owner = Owner(batch.tenant, batch.admin)
         running = self._lines.setdefault(batch.id, set())
         done = self._done[batch.id]
         broken: list[BaseException] = []      # what ended a line other than an answer or a cancel
@@ -251,16 +203,16 @@ class BatchManager:
             if batch.status != "in_progress" or self._expired(batch) or broken:
                 self._slots.release()
                 break
-            task = asyncio.create_task(self._run_line(batch, line, caller))
+            task = asyncio.create_task(self._run_line(batch, line, owner))
             running.add(task)
             task.add_done_callback(finished)
         await asyncio.gather(*running, return_exceptions=True)
         if broken:
             raise next((e for e in broken if isinstance(e, EngineStopped)), broken[0])
 
-    async def _run_line(self, batch: Batch, line: BatchLine, caller: Caller) -> None:
+    async def _run_line(self, batch: Batch, line: BatchLine, owner: Owner) -> None:
         try:
-            status, body = await self.requests.answer(batch.endpoint, line.body, caller)
+            status, body = await self.requests.answer(batch.endpoint, line.body, owner)
         finally:
             self._slots.release()
         if body.get("error", {}).get("code") == "engine_dead":
@@ -282,7 +234,7 @@ class BatchManager:
         try:
             record = self.files.get(batch.tenant, batch.input_file_id, "input_file_id", BATCH)
             data = self.files.read(record)
-        except (APIError, FileNotFoundError):
+        except (FileNotFound, WrongFilePurpose, FileNotFoundError):
             self._fail(batch, "file_not_found", f"the input file {batch.input_file_id} was deleted before the batch "
                                                 "finished; the lines already answered are in its output and error "
                                                 "files", "input_file_id")
@@ -301,7 +253,7 @@ class BatchManager:
 
     def _record(self, batch: Batch, entry: dict, ok: bool) -> None:
         """Append one finished line to its partial file, and count it."""
-        _append_line(self._partial(batch, "output" if ok else "errors"), entry)
+        append_line(self._partial(batch, "output" if ok else "errors"), entry)
         with self._lock:
             self._done[batch.id].add(entry["custom_id"])
             self._count(batch, entry, ok)
@@ -343,7 +295,7 @@ class BatchManager:
             path = self._partial(batch, kind)
             if not self.files.exists(batch.tenant, file_id) and os.path.exists(path):
                 self.files.adopt(batch.tenant, file_id, f"{batch.id}_{kind}.jsonl", BATCH_OUTPUT, path,
-                                 _count_lines(path))
+                                 count_lines(path))
             found[kind] = file_id if self.files.exists(batch.tenant, file_id) else None
         with self._lock:
             batch.output_file_id, batch.error_file_id = found["output"], found["errors"]
@@ -394,49 +346,9 @@ class BatchManager:
             batch.completed = batch.failed = batch.input_tokens = batch.output_tokens = 0
             self._done[batch.id] = set()
             for kind in ("output", "errors"):
-                for entry in _read_lines(self._written(batch, kind)):
+                for entry in read_lines(self._written(batch, kind)):
                     self._done[batch.id].add(entry["custom_id"])
                     self._count(batch, entry, ok=kind == "output")
             unfinished.append(batch)
         return unfinished
 
-
-def batch_service(ctx) -> BatchManager | None:
-    """The server's batch manager; None when the Batch API is off (no file store, or
-    --batch-concurrency 0)."""
-    if ctx.files is None or ctx.settings.batch_concurrency < 1:
-        return None
-    root = os.path.dirname(ctx.files.dir)
-    return BatchManager(root, ctx.files, BatchRequests(ctx), ctx.settings.batch_concurrency)
-
-
-def _append_line(path: str, entry: dict) -> None:
-    with open(path, "ab") as f:
-        f.write(json.dumps(entry, separators=(",", ":")).encode() + b"\n")
-
-
-def _read_lines(path: str) -> list[dict]:
-    """The whole lines of a partial file; a torn last line (a crash mid-write) is cut off."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return []
-    entries, good = [], 0
-    for raw in data.splitlines(keepends=True):
-        try:
-            if not raw.endswith(b"\n"):
-                raise ValueError("torn")
-            entries.append(json.loads(raw))
-        except ValueError:
-            break
-        good += len(raw)
-    if good < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(good)
-    return entries
-
-
-def _count_lines(path: str) -> int:
-    with open(path, "rb") as f:
-        return sum(1 for _ in f)

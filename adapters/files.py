@@ -4,11 +4,14 @@
     <root>/files/<tenant>/<file id>.jsonl    the bytes as uploaded
     <root>/files/<tenant>/<file id>.json     {id, bytes, created_at, filename, purpose, format, examples}
 
-A file is checked line by line before anything is written (adapters.finetune_data, or
-batch_lines for a batch's requests); the
-data is written durably before its metadata, and only a file with metadata exists, so a
-crash leaves at most an orphan .jsonl, which start-up removes. Another tenant's file
-answers 404 exactly like a missing one.
+A file is checked line by line before anything is written (finetune_data for training
+data; for a batch, that it is JSONL of objects: loraserve.batches checks each request
+when the batch runs); the data is written durably before its metadata, and only a file
+with metadata exists, so a crash leaves at most an orphan .jsonl, which start-up
+removes. Another tenant's file is FileNotFound exactly like a missing one.
+
+Errors are ServiceError subclasses naming the problem; api/errors.py gives each its
+HTTP status and code.
 """
 
 from __future__ import annotations
@@ -20,16 +23,39 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-from loraserve.adapters.durable import fsync_dir, write_file_atomic
-from loraserve.adapters.finetune_data import DataError, parse_jsonl
-
-from .batch_lines import BatchFileError, parse_objects
-from .errors import APIError
+from .durable import fsync_dir, write_file_atomic
+from .errors import ServiceError
+from .finetune_data import DataError, parse_jsonl
 
 PURPOSE = "fine-tune"
 BATCH = "batch"                 # a Batch API input file
 BATCH_OUTPUT = "batch_output"   # a batch's output or error file, written by the server
 UPLOAD_PURPOSES = (PURPOSE, BATCH)
+MAX_BATCH_LINES = 50_000    # OpenAI's limit of requests per batch
+
+
+class FileNotFound(ServiceError):
+    """No such file for this tenant (another tenant's file too: no probing)."""
+
+
+class WrongFilePurpose(ServiceError):
+    """The file exists but was uploaded for another purpose than the one asked for."""
+
+
+class InvalidPurpose(ServiceError):
+    """An upload names a purpose this server keeps no files for."""
+
+
+class FileTooLarge(ServiceError):
+    """An upload over --max-file-bytes."""
+
+
+class InvalidFile(ServiceError):
+    """An upload whose lines are not what its purpose needs; the message names the first bad line."""
+
+
+class BatchFileError(ValueError):
+    """A batch input file that is not JSONL of request objects."""
 
 
 @dataclass(frozen=True)
@@ -60,14 +86,13 @@ class FileStore:
         self._files: dict[tuple[str, str], StoredFile] = self._scan()
 
     def add(self, tenant: str, filename: str, purpose: str, data: bytes) -> StoredFile:
-        """Check, then store durably; raises APIError 400/413 naming the problem."""
+        """Check, then store durably; InvalidPurpose, FileTooLarge or InvalidFile name the problem."""
         if purpose not in UPLOAD_PURPOSES:
-            raise APIError(400, f"purpose {purpose!r} is not supported; this server keeps files for fine-tuning "
-                                f"(purpose={PURPOSE!r}) and for batches (purpose={BATCH!r})", "purpose",
-                           "invalid_purpose")
+            raise InvalidPurpose(f"purpose {purpose!r} is not supported; this server keeps files for fine-tuning "
+                                 f"(purpose={PURPOSE!r}) and for batches (purpose={BATCH!r})", "purpose")
         if len(data) > self.max_bytes:
-            raise APIError(413, f"the file is {len(data)} bytes; this server takes at most {self.max_bytes} "
-                                "(--max-file-bytes)", "file", "file_too_large")
+            raise FileTooLarge(f"the file is {len(data)} bytes; this server takes at most {self.max_bytes} "
+                               "(--max-file-bytes)", "file")
         file_format, examples = _check(filename, purpose, data)
         record = StoredFile(id=f"file-{uuid.uuid4().hex[:24]}", tenant=tenant, bytes=len(data),
                             created_at=int(time.time()), filename=os.path.basename(filename) or "upload.jsonl",
@@ -98,15 +123,15 @@ class FileStore:
             return (tenant, file_id) in self._files
 
     def get(self, tenant: str, file_id: str, param: str = "file_id", purpose: str | None = None) -> StoredFile:
-        """The tenant's file; with `purpose`, a 400 when the file was uploaded for another."""
+        """The tenant's file (else FileNotFound); with `purpose`, WrongFilePurpose when the
+        file was uploaded for another."""
         with self._lock:
             record = self._files.get((tenant, file_id))
         if record is None:
-            raise APIError(404, f"no file {file_id!r} for this tenant; GET /v1/files lists yours", param,
-                           "file_not_found")
+            raise FileNotFound(f"no file {file_id!r} for this tenant; GET /v1/files lists yours", param)
         if purpose is not None and record.purpose != purpose:
-            raise APIError(400, f"file {file_id!r} was uploaded with purpose {record.purpose!r}; this needs a file "
-                                f"uploaded with purpose {purpose!r}", param, "invalid_file_purpose")
+            raise WrongFilePurpose(f"file {file_id!r} was uploaded with purpose {record.purpose!r}; this needs a "
+                                   f"file uploaded with purpose {purpose!r}", param)
         return record
 
     def list(self, tenant: str, purpose: str | None = None) -> list[StoredFile]:
@@ -157,7 +182,7 @@ class FileStore:
 
 
 def _check(filename: str, purpose: str, data: bytes) -> tuple[str, int]:
-    """(format, examples) of an upload; a 400 naming the first bad line."""
+    """(format, examples) of an upload; InvalidFile naming the first bad line."""
     try:
         if purpose == BATCH:
             return BATCH, len(parse_objects(data))
@@ -165,7 +190,32 @@ def _check(filename: str, purpose: str, data: bytes) -> tuple[str, int]:
         return parsed.format, len(parsed.examples)
     except (DataError, BatchFileError) as e:
         kind = "batch" if purpose == BATCH else "training"
-        raise APIError(400, f"invalid {kind} file {filename!r}: {e}", "file", "invalid_file") from None
+        raise InvalidFile(f"invalid {kind} file {filename!r}: {e}", "file") from None
+
+
+def parse_objects(data: bytes) -> list[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a batch file; BatchFileError
+    naming the first line that is not a JSON object."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BatchFileError(f"the file is not UTF-8 text ({e})") from None
+    out = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise BatchFileError(f"line {number} is not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(value, dict):
+            raise BatchFileError(f"line {number} is a JSON {type(value).__name__}, not an object")
+        out.append((number, value))
+    if not out:
+        raise BatchFileError("the file has no requests; write one JSON object per line")
+    if len(out) > MAX_BATCH_LINES:
+        raise BatchFileError(f"the file has {len(out)} requests; a batch takes at most {MAX_BATCH_LINES}")
+    return out
 
 
 def _remove(path: str) -> None:

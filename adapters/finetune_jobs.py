@@ -30,52 +30,17 @@ import threading
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass, field
 
-from loraserve.adapters import AdapterError
-from loraserve.adapters.durable import fsync_dir, write_file_atomic
-from loraserve.adapters.finetune_worker import WorkerJob, run as run_worker
-from loraserve.adapters.store_layout import remove_path
-
-from .errors import APIError
-from .files import FileStore
+from .durable import fsync_dir, write_file_atomic
+from .errors import AdapterError
+from .files import FileNotFound, FileStore
+from .finetune_job import ACTIVE, Job, JobNotCancellable, JobNotFound, model_name, stopped_error
+from .finetune_worker import WorkerJob, run as run_worker
+from .store_layout import remove_path
 
 log = logging.getLogger(__name__)
 
-ACTIVE = ("validating_files", "queued", "running")
 MAX_EVENTS = 2000           # a job keeps its newest events; a step makes one
-
-
-@dataclass
-class Job:
-    id: str
-    tenant: str
-    model: str
-    training_file: str
-    validation_file: str | None
-    suffix: str | None
-    seed: int
-    hyperparameters: dict       # OpenAI's three, resolved to numbers
-    config: dict                # the fields of adapters.finetune.FinetuneConfig
-    created_at: int
-    metadata: dict | None = None
-    status: str = "queued"
-    finished_at: int | None = None
-    fine_tuned_model: str | None = None
-    trained_tokens: int | None = None
-    error: dict | None = None   # {"code", "message", "param"} once failed
-    estimated_finish: int | None = None
-    events: list[dict] = field(default_factory=list)    # oldest first
-
-    def to_openai(self) -> dict:
-        return {"object": "fine_tuning.job", "id": self.id, "model": self.model, "created_at": self.created_at,
-                "finished_at": self.finished_at, "fine_tuned_model": self.fine_tuned_model,
-                "organization_id": self.tenant, "result_files": [], "status": self.status,
-                "validation_file": self.validation_file, "training_file": self.training_file,
-                "hyperparameters": dict(self.hyperparameters), "trained_tokens": self.trained_tokens,
-                "error": self.error, "seed": self.seed, "estimated_finish": self.estimated_finish,
-                "integrations": [], "metadata": self.metadata, "user_provided_suffix": self.suffix,
-                "method": {"type": "supervised", "supervised": {"hyperparameters": dict(self.hyperparameters)}}}
 
 
 class JobManager:
@@ -122,8 +87,8 @@ class JobManager:
         with self._lock:
             job = self._jobs.get(job_id)
         if job is None or job.tenant != tenant:   # the same answer for another tenant's job: no probing
-            raise APIError(404, f"no fine-tuning job {job_id!r} for this tenant; GET /v1/fine_tuning/jobs "
-                                "lists yours", "fine_tuning_job_id", "job_not_found")
+            raise JobNotFound(f"no fine-tuning job {job_id!r} for this tenant; GET /v1/fine_tuning/jobs lists yours",
+                              "fine_tuning_job_id")
         return job
 
     def list(self, tenant: str) -> list[Job]:
@@ -142,8 +107,8 @@ class JobManager:
         with self._lock:
             if job.status not in ACTIVE or job.id in self._finalizing:
                 state = job.status if job.status not in ACTIVE else "finished training and is being registered"
-                raise APIError(400, f"fine-tuning job {job_id} has already {state}; only a queued or running "
-                                    "job can be cancelled", "fine_tuning_job_id", "job_not_cancellable")
+                raise JobNotCancellable(f"fine-tuning job {job_id} has already {state}; only a queued or running "
+                                        "job can be cancelled", "fine_tuning_job_id")
             if job.id in self._queue:
                 self._queue.remove(job.id)
             process = self._processes.get(job.id)
@@ -158,7 +123,7 @@ class JobManager:
             self._closed = True
             for job in self._jobs.values():
                 if job.status in ACTIVE:
-                    self._end(job, "failed", "The server stopped", error=_stopped(job.status))
+                    self._end(job, "failed", "The server stopped", error=stopped_error(job.status))
             processes = list(self._processes.values())
             self._queue.clear()
         for process in processes:
@@ -196,7 +161,7 @@ class JobManager:
                 self._processes[job.id] = process
             outcome = self._pump(job, process, events)
             self._finish(job, outcome, out_dir)
-        except APIError as e:               # a file deleted since the job was created
+        except FileNotFound as e:           # a file deleted since the job was created
             self._fail(job, "file_not_found", f"{e.message} (it was deleted before the job started)", e.param)
         except Exception as e:              # noqa: BLE001 - a job must end, whatever broke
             log.exception("fine-tuning job %s failed", job.id)
@@ -280,7 +245,7 @@ class JobManager:
                 summary += f", eval loss {result['eval_loss']:.4f} on {result['num_eval']} held-out examples"
             self._add_event(job, summary)
         try:
-            record = self.store.register_dir(job.tenant, _model_name(job), out_dir)
+            record = self.store.register_dir(job.tenant, model_name(job), out_dir)
             alias = self.store.register_dir(job.tenant, job.suffix, out_dir) if job.suffix else None
         except (AdapterError, OSError) as e:
             self._fail(job, "invalid_adapter", f"the trained adapter was rejected: {e}", None)
@@ -328,35 +293,4 @@ class JobManager:
         for job in sorted(jobs, key=lambda j: (j.created_at, j.id)):
             self._jobs[job.id] = job
             if job.status in ACTIVE:
-                self._end(job, "failed", "The server restarted", error=_stopped(job.status))
-
-
-def finetune_services(core, settings) -> tuple[FileStore, JobManager]:
-    """The file store and job manager of a server whose LLMEngine is `core`."""
-    root = settings.finetune_dir or os.path.join(core.store.root, "finetune")
-    files = FileStore(root, settings.max_file_bytes)
-    jobs = JobManager(root, files, core.store, base_dir_of(core), core.model_id, settings.max_finetune_jobs,
-                      settings.finetune_threads)
-    return files, jobs
-
-
-def base_dir_of(core) -> str:
-    """The served model's HF directory (what the engine loaded), for the worker to load again."""
-    path = getattr(core, "model_dir", "")           # a Ray ingress core has none
-    if path and os.path.isdir(path):
-        return path
-    from loraserve.model.loader import resolve_model
-
-    return resolve_model(core.config.model, core.config.cache_dir).local_dir
-
-
-def _stopped(status: str) -> dict:
-    return {"code": "server_restarted", "param": None,
-            "message": f"the server stopped while this job was {status}; a job does not survive a restart "
-                       "and nothing of its training was kept: create the job again"}
-
-
-def _model_name(job: Job) -> str:
-    """`ft-<suffix>-<8 hex of the job id>`: a store name (no ':' or '/'), unique per job."""
-    tag = job.id.removeprefix("ftjob-")[:8]
-    return f"ft-{job.suffix}-{tag}" if job.suffix else f"ft-{tag}"
+                self._end(job, "failed", "The server restarted", error=stopped_error(job.status))

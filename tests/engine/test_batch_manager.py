@@ -8,11 +8,10 @@ import os
 
 from livekit import wait_until
 
-from loraserve.api.auth import Caller
-from loraserve.api.batches import BatchManager
-from loraserve.api.files import FileStore
+from loraserve.adapters.files import FileStore
+from loraserve.batches import BatchManager, Owner
 
-ACME = Caller("acme", False)
+ACME = Owner("acme", False)
 
 
 class FakeRequests:
@@ -22,7 +21,7 @@ class FakeRequests:
         self.engine_dead = engine_dead
         self.num_answered = 0
 
-    async def answer(self, endpoint, body, caller):
+    async def answer(self, endpoint, body, owner):
         if self.engine_dead:
             return 503, {"error": {"message": "the engine has stopped", "type": "service_unavailable",
                                    "param": None, "code": "engine_dead"}}

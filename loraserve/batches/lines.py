@@ -11,22 +11,19 @@ Two kinds of bad input, as OpenAI has them: a line that cannot be a request at a
 a JSON object, no custom_id, a repeated custom_id, another method or endpoint) fails
 the whole batch while it validates, with `errors` naming each line; a request whose
 body the endpoint refuses (a bad field, an unknown model, another tenant's adapter) is
-one line of the error file, and the batch goes on.
+one line of the error file, and the batch goes on. That a file is JSONL of objects at
+all is checked once more at upload, by the file store (adapters/files.py).
 """
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 
-MAX_LINES = 50_000          # OpenAI's limit of requests per batch
+from loraserve.adapters.files import BatchFileError, parse_objects
+
 MAX_REPORTED_ERRORS = 20    # a failed validation lists at most this many lines
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
-
-
-class BatchFileError(ValueError):
-    """A batch input file that is not JSONL of request objects."""
 
 
 @dataclass(frozen=True)
@@ -34,31 +31,6 @@ class BatchLine:
     number: int         # 1-based line of the input file
     custom_id: str
     body: object        # as sent; the endpoint checks it
-
-
-def parse_objects(data: bytes) -> list[tuple[int, dict]]:
-    """(line number, object) for every non-blank line; BatchFileError naming the first
-    line that is not a JSON object."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BatchFileError(f"the file is not UTF-8 text ({e})") from None
-    out = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise BatchFileError(f"line {number} is not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(value, dict):
-            raise BatchFileError(f"line {number} is a JSON {type(value).__name__}, not an object")
-        out.append((number, value))
-    if not out:
-        raise BatchFileError("the file has no requests; write one JSON object per line")
-    if len(out) > MAX_LINES:
-        raise BatchFileError(f"the file has {len(out)} requests; a batch takes at most {MAX_LINES}")
-    return out
 
 
 def read_requests(data: bytes, endpoint: str) -> tuple[list[BatchLine], list[dict]]:
