@@ -14,7 +14,7 @@ from .registry import AdapterRegistry
 
 __all__ = [
     "LORA_MODULES", "BaseModelSpec",
-    "AdapterError", "AdapterRejected", "AdapterNotFound", "AdapterConflict",
+    "AdapterError", "AdapterRejected", "AdapterNotFound", "AdapterConflict", "ServiceError",
     "DEFAULT_TENANT", "check_name", "parse_ref",
     "LoRAAdapter", "load_peft_dir", "load_peft_bytes", "write_peft_files",
     "AdapterRecord", "AdapterStore", "default_store_root",

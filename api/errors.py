@@ -94,8 +94,8 @@ def from_exception(e: BaseException) -> APIError:
         return APIError(409, str(e), code="adapter_conflict")
     if isinstance(e, AdapterError):
         return APIError(500, str(e), code="adapter_error")
-    if isinstance(e, ValueError):
-        return APIError(400, str(e))
+    if isinstance(e, ValueError):   # a PromptError (loraserve/prepared.py) names its field
+        return APIError(400, str(e), getattr(e, "param", None), getattr(e, "code", None))
     return APIError(500, f"internal error while serving this request ({type(e).__name__}: {e}); "
                          "other requests are unaffected", code="internal_error")
 
