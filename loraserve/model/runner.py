@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from loraserve.config import EngineConfig
-from loraserve.kernels import build_lora_meta, warm_up_cpu_lora
+from loraserve.kernels import select_kernels
 from loraserve.adapters import SlotPool
 from loraserve.sequence import Sequence
 
@@ -54,8 +54,9 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.slots = slots
         self.block_size = config.block_size
+        self.kernels = select_kernels(self.device, config.kernel_backend)   # on CPU: builds the LoRA op once
         with torch.device("meta"):
-            model = LlamaForCausalLM(hf_config, max_model_len)
+            model = LlamaForCausalLM(hf_config, max_model_len, self.kernels)
         model = model.to_empty(device=self.device).to(self.dtype)
         model.load_hf_weights(load_state_dict(model_dir))
         model.init_rotary(self.dtype)
@@ -65,10 +66,8 @@ class ModelRunner:
         model.init_kv_cache(self.num_blocks + 1, self.block_size)   # + the scratch block of graph padding
         self.on_logits = None   # test hook: called with (seqs, logits) after each step
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if self.device.type == "cuda" and not config.enforce_eager and self.kernels.name == "triton":
             self.graphs = self.make_decode_graphs(max_model_len, capture=True)
-        if self.device.type == "cpu":
-            warm_up_cpu_lora()
 
     def make_decode_graphs(self, max_model_len: int, capture: bool) -> DecodeGraphs:
         """Decode batches up to min(max_num_seqs, 256) replay captured graphs; larger ones
@@ -137,5 +136,5 @@ class ModelRunner:
             decode_block_tables=self._block_tables(decode),
             decode_context_lens=self._tensor(decode_lens),
             decode_max_context_len=max(decode_lens, default=0),
-            lora=build_lora_meta(token_slots, self.slots.ranks, self.device, self.dtype),
+            lora=self.kernels.lora_meta(token_slots, self.slots.ranks, self.device),
         )
