@@ -124,7 +124,7 @@ class LoRAProblem:
         """Every slot at `rank`, or at ranks[slot] in buffers sized to the largest."""
         import torch
 
-        from loraserve.kernels import build_lora_meta
+        from loraserve.kernels import LoRABlocks, build_lora_meta
         from loraserve.kernels.sgmv import sgmv_shrink_splits
 
         ranks = ranks or [rank] * num_adapters
@@ -134,24 +134,25 @@ class LoRAProblem:
         self.copies = layer_copies(timer, used_ranks * (hidden_in * len(outs) + sum(outs)) * 2)
         self.weights = [lora_weights(num_adapters, hidden_in, outs, max(ranks), dtype, device)
                         for _ in range(self.copies)]
-        self.meta = build_lora_meta(slots, ranks, device=device, dtype=dtype)
+        self.meta = build_lora_meta(slots, ranks, device=device)     # what BGMV and the torch path read
+        self.blocks = LoRABlocks.of(self.meta)                          # what SGMV reads
         self.x = torch.randn(batch, hidden_in, dtype=dtype, device=device)
         self.y = torch.zeros(batch, sum(outs), dtype=dtype, device=device)
-        self.v = sgmv_shrink_splits(self.x, self.weights[0][0], self.meta)   # the add's split-K partials
+        self.v = sgmv_shrink_splits(self.x, self.weights[0][0], self.blocks)   # the add's split-K partials
         self.shrink_bytes = self.x.numel() * 2 + used_ranks * hidden_in * len(outs) * 2 + self.v.numel() * 4
         self.expand_bytes = self.v.numel() * 4 + used_ranks * sum(outs) * 2 + 2 * self.y.numel() * 2
 
-    def shrink(self, impl):
-        return lambda i: impl(self.x, self.weights[i][0], self.meta)
+    def shrink(self, impl, meta, **launch):
+        return lambda i: impl(self.x, self.weights[i][0], meta, **launch)
 
-    def expand(self, impl):
-        return lambda i: impl(self.y, self.v, self.weights[i][1], self.out_slices, self.meta)
+    def expand(self, impl, meta, **launch):
+        return lambda i: impl(self.y, self.v, self.weights[i][1], self.out_slices, meta, **launch)
 
-    def add(self, impl):
-        return lambda i: impl(self.y, self.x, *self.weights[i], self.out_slices, self.meta)
+    def add(self, impl, meta, **launch):
+        return lambda i: impl(self.y, self.x, *self.weights[i], self.out_slices, meta, **launch)
 
 
-def bench_lora(shapes: Shapes, timer: Timer, device: str, copy_gbs: float) -> None:
+def bench_lora(shapes: Shapes, timer: Timer, device: str, copy_gbs: float, launch) -> None:
     import torch
 
     from loraserve.kernels import add_lora_bgmv, add_lora_grouped, add_lora_sgmv, bgmv_expand, sgmv_expand
@@ -169,19 +170,22 @@ def bench_lora(shapes: Shapes, timer: Timer, device: str, copy_gbs: float) -> No
 
             def gbs(ms, nbytes):
                 return f"{nbytes / ms / 1e6:8.0f} {100 * nbytes / ms / 1e6 / copy_gbs:7.1f}%"
-            row = [gbs(per_call(timer, pb.shrink(sgmv_shrink_splits), pb.copies), pb.shrink_bytes),
-                   gbs(per_call(timer, pb.expand(sgmv_expand), pb.copies), pb.expand_bytes),
-                   gbs(per_call(timer, pb.shrink(bgmv_shrink_splits), pb.copies), pb.shrink_bytes),
-                   gbs(per_call(timer, pb.expand(bgmv_expand), pb.copies), pb.expand_bytes)]
-            t_triton = per_call(timer, pb.add(add_lora_sgmv), pb.copies)
-            t_bgmv = per_call(timer, pb.add(add_lora_bgmv), pb.copies)
-            t_torch = timer(lambda: pb.add(add_lora_grouped)(0))       # eager: its meta is host-side
+            row = [gbs(per_call(timer, pb.shrink(sgmv_shrink_splits, pb.blocks, launch=launch), pb.copies),
+                       pb.shrink_bytes),
+                   gbs(per_call(timer, pb.expand(sgmv_expand, pb.blocks, launch=launch), pb.copies), pb.expand_bytes),
+                   gbs(per_call(timer, pb.shrink(bgmv_shrink_splits, pb.meta, launch=launch), pb.copies),
+                       pb.shrink_bytes),
+                   gbs(per_call(timer, pb.expand(bgmv_expand, pb.meta), pb.copies), pb.expand_bytes)]
+            t_triton = per_call(timer, pb.add(add_lora_sgmv, pb.blocks, launch=launch), pb.copies)
+            t_bgmv = per_call(timer, pb.add(add_lora_bgmv, pb.meta, launch=launch), pb.copies)
+            torch_add = pb.add(add_lora_grouped, pb.meta)
+            t_torch = timer(lambda: torch_add(0))       # eager: it decides on the host
             print(f"{num_adapters:>8} {batch:>5} | {row[0]:>18} {row[1]:>18} | {row[2]:>18} {row[3]:>18} | "
                   f"{t_triton * 1e3:9.1f} {t_bgmv * 1e3:8.1f} {t_torch * 1e3:8.1f} {t_torch / t_triton:12.2f}")
-            del pb
+            del pb, torch_add
 
 
-def bench_rank_mix(shapes: Shapes, timer: Timer, device: str) -> None:
+def bench_rank_mix(shapes: Shapes, timer: Timer, device: str, launch) -> None:
     """Rank-aware compute: a batch mixing rank 8 and rank 128 adapters should cost about
     the mean of an all-8 and an all-128 batch, not what padding everyone to 128 costs."""
     import torch
@@ -196,7 +200,7 @@ def bench_rank_mix(shapes: Shapes, timer: Timer, device: str) -> None:
         times = {}
         for name, ranks in (("low", [low] * n), ("high", [high] * n), ("mixed", [low, high] * (n // 2))):
             pb = LoRAProblem(timer, device, h, [h], high, n, batch, torch.bfloat16, ranks=ranks)
-            times[name] = per_call(timer, pb.add(add_lora_triton), pb.copies) * 1e3
+            times[name] = per_call(timer, pb.add(add_lora_triton, pb.blocks, launch=launch), pb.copies) * 1e3
             del pb
         mean = (times["low"] + times["high"]) / 2
         print(f"{batch:>5} | {times['low']:8.1f} {times['high']:9.1f} {times['mixed']:8.1f} {mean:8.1f} "
@@ -209,20 +213,20 @@ TUNE_SHAPES = [  # (in, outs, adapters, batch): decode shapes of the kernels and
 ]
 
 
-def tune(timer: Timer, device: str) -> None:
+def tune(timer: Timer, device: str):
     """Sweep the GPU launch block sizes (kernels/sgmv.py GpuLaunch) on decode shapes,
-    print the summed time of each setting, best first, and keep the best for the rest
-    of the run."""
+    print the summed time of each setting, best first, and return the best, which the
+    rest of the run passes to every launch."""
     import dataclasses
     import itertools
 
     import torch
 
-    from loraserve.kernels import sgmv, sgmv_expand
+    from loraserve.kernels import DEFAULT_LAUNCH, sgmv_expand
     from loraserve.kernels.sgmv import sgmv_shrink_splits
 
     problems = [LoRAProblem(timer, device, i, outs, 16, n, b, torch.bfloat16) for i, outs, n, b in TUNE_SHAPES]
-    default = dataclasses.replace(sgmv.GPU_LAUNCH)
+    default = DEFAULT_LAUNCH
     best = {}
     sweeps = {
         "shrink": (sgmv_shrink_splits, dict(shrink_block_k=[64, 128, 256], shrink_min_programs=[256, 512, 1024],
@@ -233,19 +237,20 @@ def tune(timer: Timer, device: str) -> None:
         results = []
         for values in itertools.product(*grid.values()):
             setting = dict(zip(grid, values))
-            sgmv.GPU_LAUNCH = dataclasses.replace(default, **setting)
-            pick = (lambda p: p.shrink(impl)) if name == "shrink" else (lambda p: p.expand(impl))
+            launch = dataclasses.replace(default, **setting)
+            pick = ((lambda p: p.shrink(impl, p.blocks, launch=launch)) if name == "shrink"
+                    else (lambda p: p.expand(impl, p.blocks, launch=launch)))
             times = [per_call(timer, pick(p), p.copies) * 1e3 for p in problems]
             results.append((sum(times), setting, times))
-        sgmv.GPU_LAUNCH = default
         results.sort(key=lambda r: r[0])
         best.update(results[0][1])
         print(f"\n## tune {name}: summed us over {len(problems)} decode shapes, then per shape")
         for total, setting, times in results[:6] + [r for r in results if all(
                 getattr(default, k) == v for k, v in r[1].items())]:
             print(f"{total:8.1f}  {setting}  " + " ".join(f"{t:.1f}" for t in times))
-    sgmv.GPU_LAUNCH = dataclasses.replace(default, **best)
-    print(f"\nthe rest of this run uses {sgmv.GPU_LAUNCH}")
+    launch = dataclasses.replace(default, **best)
+    print(f"\nthe rest of this run uses {launch}")
+    return launch
 
 
 def paged_cache(num_seqs: int, context_len: int, kv_heads: int, head_dim: int, block_size: int, dtype, device):
@@ -253,7 +258,9 @@ def paged_cache(num_seqs: int, context_len: int, kv_heads: int, head_dim: int, b
     out as the model allocates them (contiguous on CUDA, head-major on CPU)."""
     import torch
 
-    from loraserve.kernels import allocate_kv_cache
+    from loraserve.kernels import select_kernels
+
+    allocate_kv_cache = select_kernels(device).allocate_kv_cache
 
     per_seq = -(-context_len // block_size)
     num_blocks = num_seqs * per_seq
@@ -291,10 +298,10 @@ class LayerStack:
     """Llama-shaped decoder layers (random weights, no RoPE, no embeddings) that run one
     decode step through the dispatching kernels: the path the model takes."""
 
-    def __init__(self, s: Shapes, batch: int, dtype, device):
+    def __init__(self, s: Shapes, batch: int, dtype, device, kernels):
         import torch
 
-        self.s, self.batch = s, batch
+        self.s, self.batch, self.kernels = s, batch, kernels
         h, inter, D = s.model_hidden, s.model_intermediate, s.model_hidden // s.model_heads
         self.head_dim = D
         self.q_out, self.kv_out = s.model_heads * D, s.model_kv_heads * D
@@ -320,8 +327,8 @@ class LayerStack:
     def step(self, meta):
         import torch.nn.functional as F
 
-        from loraserve.kernels import add_lora, paged_attention_decode, store_kv
-
+        add_lora, store_kv = self.kernels.add_lora, self.kernels.store_kv
+        paged_attention_decode = self.kernels.paged_attention_decode
         s, B, D = self.s, self.batch, self.head_dim
         h = self.h
         for L in self.layers:
@@ -362,10 +369,12 @@ def profile_step(stack: LayerStack, meta, device: str) -> None:
     print(prof.key_averages().table(sort_by=sort, row_limit=15))
 
 
-def bench_model(shapes: Shapes, timer: Timer, device: str, profile: bool = False) -> None:
+def bench_model(shapes: Shapes, timer: Timer, device: str, launch, profile: bool = False) -> None:
     import torch
 
-    from loraserve.kernels import build_lora_meta
+    from loraserve.kernels import select_kernels
+
+    kernels = select_kernels(device, launch=launch)     # what the engine would pick here
 
     dtype = torch.bfloat16
     n = shapes.model_adapters
@@ -373,11 +382,11 @@ def bench_model(shapes: Shapes, timer: Timer, device: str, profile: bool = False
           f"context {shapes.model_context}, {n} adapters of rank 16 on q,k,v,o,gate,up,down")
     print(f"{'batch':>5} | {'no adapters ms':>14} {f'{n} adapters ms':>15} {'overhead':>9}")
     for batch in shapes.model_batches:
-        stack = LayerStack(shapes, batch, dtype, device)
-        with_lora = build_lora_meta([t % n for t in range(batch)], [16] * n, device=device, dtype=dtype)
-        without = build_lora_meta([-1] * batch, [16] * n, device=device, dtype=dtype)
-        t_base = timer(lambda: stack.step(without), graph=True)
-        t_lora = timer(lambda: stack.step(with_lora), graph=True)
+        stack = LayerStack(shapes, batch, dtype, device, kernels)
+        with_lora = kernels.lora_meta([t % n for t in range(batch)], [16] * n, device)
+        without = kernels.lora_meta([-1] * batch, [16] * n, device)
+        t_base = timer(lambda stack=stack: stack.step(without), graph=True)
+        t_lora = timer(lambda stack=stack: stack.step(with_lora), graph=True)
         print(f"{batch:>5} | {t_base:14.3f} {t_lora:15.3f} {100 * (t_lora / t_base - 1):8.1f}%")
         if profile:
             profile_step(stack, with_lora, device)
@@ -419,17 +428,18 @@ def main(argv: list[str] | None = None) -> int:
     copy_gbs = copy_bandwidth(timer, device)
     print(f"# {name}: measured copy bandwidth {copy_gbs:.0f} GB/s")
     torch.manual_seed(0)
+    from loraserve.kernels import DEFAULT_LAUNCH
+
     with torch.inference_mode():
-        if args.tune:
-            tune(timer, device)
+        launch = tune(timer, device) if args.tune else DEFAULT_LAUNCH
         if args.only in (None, "lora"):
-            bench_lora(shapes, timer, device, copy_gbs)
+            bench_lora(shapes, timer, device, copy_gbs, launch)
         if args.only in (None, "ranks"):
-            bench_rank_mix(shapes, timer, device)
+            bench_rank_mix(shapes, timer, device, launch)
         if args.only in (None, "attention"):
             bench_attention(shapes, timer, device, copy_gbs)
         if args.only in (None, "model"):
-            bench_model(shapes, timer, device, args.profile)
+            bench_model(shapes, timer, device, launch, args.profile)
     return 0
 
 

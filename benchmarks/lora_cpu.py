@@ -100,7 +100,7 @@ class Problem:
         self.weights = [(torch.randn(n, hidden, r_max, 1, dtype=dtype) / hidden ** 0.5,
                          [torch.randn(n, r_max, hidden, dtype=dtype) / r_max ** 0.5])
                         for _ in range(self.copies)]
-        self.meta = build_lora_meta(slots, ranks, dtype=dtype)
+        self.meta = build_lora_meta(slots, ranks)
         self.x = torch.randn(batch, hidden, dtype=dtype)
         self.y = torch.zeros(batch, hidden, dtype=dtype)
         self.out_slices = [(0, hidden)]

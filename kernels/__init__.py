@@ -1,27 +1,35 @@
 """Pure tensor functions for LoRA and paged attention.
 
-One branch chooses the implementation: Triton kernels on CUDA, the torch paths
-elsewhere (CPU production path and the kernels' oracle). The Triton launchers are also
-importable by name, and run on CPU tensors under TRITON_INTERPRET=1 (the kernel tests).
+The one dispatch point: `select_kernels(device, backend)` picks, once at engine start,
+one implementation of every op and returns it as a frozen `Kernels`, which the model
+calls. "triton" (the default on CUDA) runs the Triton kernels, and on CPU tensors runs
+them through the interpreter (TRITON_INTERPRET=1: how CI tests the CUDA path, graph
+replay included); "torch" (the default elsewhere) runs the torch paths, with the C++
+LoRA op on CPU when it builds. Every implementation is also importable by name, for the
+kernel tests and benchmarks.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from . import cpu_attention as _cpu
-from .lora_meta import LoRAMeta, LoRAMetaBuffers, build_lora_meta
+from . import sgmv_cpu
+from .lora_meta import LoRABlocks, LoRAMeta, LoRAMetaBuffers, LoRARows, build_lora_meta, triton_lora_meta
 from .paged_attention import (
     paged_attention_decode_triton,
     paged_attention_prefill_triton,
     store_kv_triton,
 )
 from .sgmv import (
+    DEFAULT_LAUNCH,
     HAS_TRITON,
+    GpuLaunch,
     add_lora_bgmv,
-    add_lora_grouped,
     add_lora_ref,
     add_lora_sgmv,
     add_lora_triton,
@@ -31,63 +39,73 @@ from .sgmv import (
     sgmv_shrink,
 )
 from .sgmv_cpu import add_lora_cpu, warm_up as warm_up_cpu_lora
+from .sgmv_grouped import add_lora_grouped
 from .triton_support import triton
 
-_triton_on_cpu = False
+KERNEL_BACKENDS = ("auto", "triton", "torch")
 
 
-def use_triton(t: torch.Tensor) -> bool:
-    """The one dispatch branch: Triton on CUDA tensors when triton is installed."""
-    return HAS_TRITON and (t.is_cuda or _triton_on_cpu)
+@dataclass(frozen=True)
+class Kernels:
+    """One implementation of every op, chosen once. The model reads the step's LoRA
+    metadata in the form this backend's add_lora takes (`lora_meta`: a `LoRABlocks` for
+    Triton, the core `LoRAMeta` for torch); both have `has_lora`."""
+    name: str                      # "triton" or "torch"
+    lora_meta: Callable            # (token_slots, slot_ranks, device) -> the step's LoRA metadata
+    add_lora: Callable             # (y, x, A, Bs, out_slices, meta) -> y, updated in place
+    store_kv: Callable
+    paged_attention_decode: Callable
+    paged_attention_prefill: Callable
+    allocate_kv_cache: Callable    # (num_blocks, block_size, H_kv, D, dtype, device) in this backend's layout
+    launch: GpuLaunch | None = None  # block sizes of the compiled Triton launches
 
 
-@contextlib.contextmanager
-def triton_on_cpu():
-    """Take the CUDA path's kernels on CPU tensors too (through TRITON_INTERPRET=1), so CI
-    can run a whole model, CUDA-graph replay included, the way a GPU would."""
-    global _triton_on_cpu
-    assert HAS_TRITON and triton.knobs.runtime.interpret, "needs triton with TRITON_INTERPRET=1"
-    _triton_on_cpu = True
-    try:
-        yield
-    finally:
-        _triton_on_cpu = False
+def select_kernels(device: torch.device | str, backend: str = "auto", launch: GpuLaunch = DEFAULT_LAUNCH) -> Kernels:
+    """The one branch: Triton on CUDA when triton is installed, else the torch paths;
+    `backend` "triton" or "torch" forces one (EngineConfig.kernel_backend)."""
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel backend {backend!r} is not one of {', '.join(KERNEL_BACKENDS)}")
+    device = torch.device(device)
+    if backend == "auto":
+        backend = "triton" if HAS_TRITON and device.type == "cuda" else "torch"
+    return triton_kernels(device, launch) if backend == "triton" else torch_kernels(device)
 
 
-def add_lora(y, x, A, Bs, out_slices, meta: LoRAMeta):
-    """y += LoRA delta of each token's adapter (semantics in kernels/sgmv.py); returns y."""
-    impl = add_lora_triton if use_triton(x) else add_lora_cpu
-    return impl(y, x, A, Bs, out_slices, meta)
+def triton_kernels(device: torch.device, launch: GpuLaunch = DEFAULT_LAUNCH) -> Kernels:
+    if not HAS_TRITON:
+        raise ValueError("kernel backend 'triton' needs triton: pip install triton")
+    if device.type != "cuda" and not triton.knobs.runtime.interpret:
+        raise ValueError(f"kernel backend 'triton' on {device.type} runs the kernels through Triton's "
+                         "interpreter: set TRITON_INTERPRET=1 before the first kernel launch")
+    return Kernels(
+        name="triton", lora_meta=triton_lora_meta, add_lora=functools.partial(add_lora_triton, launch=launch),
+        store_kv=store_kv_triton, paged_attention_decode=paged_attention_decode_triton,
+        paged_attention_prefill=paged_attention_prefill_triton, allocate_kv_cache=_contiguous_cache, launch=launch,
+    )
 
 
-def allocate_kv_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, device) -> torch.Tensor:
-    """A [num_blocks, block_size, H_kv, D] cache: contiguous for the Triton kernels,
-    a view of head-major storage for the CPU path (see cpu_attention.py)."""
-    if torch.device(device).type == "cuda" or _triton_on_cpu:
-        return torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
-    return _cpu.allocate_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, device)
+def torch_kernels(device: torch.device) -> Kernels:
+    """On CPU, the C++ LoRA op is built (or loaded) here, once: without a compiler the
+    backend takes add_lora_grouped."""
+    use_op = device.type == "cpu" and sgmv_cpu.extension() is not None
+    return Kernels(
+        name="torch", lora_meta=build_lora_meta, add_lora=add_lora_cpu if use_op else add_lora_grouped,
+        store_kv=_cpu.store_kv, paged_attention_decode=_cpu.paged_attention_decode,
+        paged_attention_prefill=_cpu.paged_attention_prefill, allocate_kv_cache=_cpu.allocate_cache,
+    )
 
 
-def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    impl = store_kv_triton if use_triton(k) else _cpu.store_kv
-    impl(k, v, k_cache, v_cache, slot_mapping)
-
-
-def paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens, max_context_len, scale):
-    impl = paged_attention_decode_triton if use_triton(q) else _cpu.paged_attention_decode
-    return impl(q, k_cache, v_cache, block_tables, context_lens, max_context_len, scale)
-
-
-def paged_attention_prefill(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale):
-    impl = paged_attention_prefill_triton if use_triton(q) else _cpu.paged_attention_prefill
-    return impl(q, k_cache, v_cache, block_tables, query_lens, context_lens, scale)
+def _contiguous_cache(num_blocks, block_size, num_kv_heads, head_dim, dtype, device) -> torch.Tensor:
+    """[num_blocks, block_size, H_kv, D], contiguous: the Triton kernels' layout (the
+    torch path's is head-major, see cpu_attention.py)."""
+    return torch.zeros(num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype, device=device)
 
 
 __all__ = [
-    "HAS_TRITON", "LoRAMeta", "LoRAMetaBuffers", "build_lora_meta", "use_triton", "triton_on_cpu",
-    "add_lora", "add_lora_cpu", "warm_up_cpu_lora", "add_lora_ref", "add_lora_grouped",
+    "HAS_TRITON", "KERNEL_BACKENDS", "Kernels", "select_kernels", "triton_kernels", "torch_kernels", "GpuLaunch",
+    "DEFAULT_LAUNCH", "LoRAMeta", "LoRARows", "LoRABlocks", "LoRAMetaBuffers", "build_lora_meta", "triton_lora_meta",
+    "add_lora_cpu", "warm_up_cpu_lora", "add_lora_ref", "add_lora_grouped",
     "add_lora_triton", "add_lora_sgmv", "add_lora_bgmv",
     "sgmv_shrink", "sgmv_expand", "bgmv_shrink", "bgmv_expand",
-    "paged_attention_decode", "paged_attention_prefill", "store_kv", "allocate_kv_cache",
     "paged_attention_decode_triton", "paged_attention_prefill_triton", "store_kv_triton",
 ]

@@ -16,15 +16,16 @@ Weight layout, shared by every implementation:
         so the GPU kernels load A in 16-byte vectors.
     Bs: n_proj tensors [max_loras, r_max, out_p]; rows >= rank are never read.
 
-This file holds the torch implementations: `add_lora_ref` (a plain loop, the oracle of
-the tests) and `add_lora_grouped` (the CPU path's fallback beside the C++ op in
-sgmv_cpu.py: one batched matmul per shrink and per expand over padded rows of equal
-length, once per rank in the step), and the Triton kernels beside them (the CUDA
-path): `sgmv_shrink` + `sgmv_expand` over blocks of tokens that share a slot, and `bgmv_shrink` + `bgmv_expand`, one token per
-program (Punica's decode-shaped variant). Between shrink and expand the LoRA activations
-live in `v [T, r_max * n_proj]` fp32, in A's interleaved column order:
-v[t, j * n_proj + p] = x[t] @ a_s[:, j * n_proj + p]; inside add_lora_sgmv/bgmv as the
-shrink's split-K partials [split_k, T, r_max * n_proj], which the expand sums.
+This file holds the oracle of the tests, `add_lora_ref` (a plain loop over tokens), and
+beside it the Triton kernels (the CUDA path): `sgmv_shrink` + `sgmv_expand` over blocks
+of tokens that share a slot (`LoRABlocks`), and `bgmv_shrink` + `bgmv_expand`, one token
+per program (Punica's decode-shaped variant, reading the core `LoRAMeta`). The torch
+formulation is sgmv_grouped.py, the CPU C++ op sgmv_cpu.py. Between shrink and expand
+the LoRA activations live in `v [T, r_max * n_proj]` fp32, in A's interleaved column
+order: v[t, j * n_proj + p] = x[t] @ a_s[:, j * n_proj + p]; inside add_lora_sgmv/bgmv
+as the shrink's split-K partials [split_k, T, r_max * n_proj], which the expand sums.
+Block sizes of compiled launches come from a `GpuLaunch` passed in (the default, or
+what `benchmarks.kernels --tune` picks), never from module state.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .lora_meta import SGMV_BLOCK_M, LoRAMeta, build_lora_meta
+from .lora_meta import SGMV_BLOCK_M, LoRABlocks, LoRAMeta
 
 from .triton_support import HAS_TRITON, dot_dtype, kernel, tl, triton
 
@@ -75,65 +76,6 @@ def add_lora_ref(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[tor
             v = x[t].float() @ a[:, :, p].float()               # [r]
             y[t, off : off + size] += (v @ B[s, :r].float()).to(y.dtype)
     return y
-
-
-def add_lora_grouped(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
-                     out_slices: list[tuple[int, int]], meta: LoRAMeta) -> torch.Tensor:
-    """Torch path: y += LoRA delta with one bmm for the shrink and one per projection for
-    the expand, over rows of meta.row_len tokens that share an adapter; a step mixing
-    ranks runs once per rank."""
-    if not meta.has_lora:
-        return y                                   # no adapter in the step: no work at all
-    if not meta.uniform_rank:                      # one pass per rank, each at its own rank
-        for group in _rank_groups(meta, x.dtype):
-            add_lora_grouped(y, x, A, Bs, out_slices, group)
-        return y
-    r = meta.max_rank
-    n_proj = A.shape[-1]
-    num_rows, row_len = len(meta.row_slots), meta.row_len
-    a = _rows_a(A, meta, r)                                           # [R, in, r*n_proj]
-    xr = x if meta.rows_are_tokens else x.index_select(0, meta.pad_idx)
-    xr = xr.view(num_rows, row_len, -1)                                # [R, row_len, in]
-    v = torch.bmm(xr, a)                                              # [R, row_len, r*n_proj]
-    if meta.pad_mask is not None:
-        v = v * meta.pad_mask                      # pad cells hold token 0: zero them
-    v = v.view(num_rows, row_len, r, n_proj)
-    for p, ((off, size), B) in enumerate(zip(out_slices, Bs)):
-        b = _row_weights(B[:, :r], meta)                               # [R, r, out_p]
-        if meta.rows_are_tokens:                   # accumulate straight into y's columns
-            y[:, off : off + size].view(num_rows, row_len, size).baddbmm_(v[..., p], b)
-            continue
-        out = torch.bmm(v[..., p], b).view(-1, size)                   # [R * row_len, out_p]
-        if not meta.all_tokens_have_lora:                              # no-adapter tokens read a zero cell
-            out = torch.cat([out, out.new_zeros(1, size)])
-        y[:, off : off + size] += out.index_select(0, meta.inv_idx)    # back to token order
-    return y
-
-
-def _rows_a(A: torch.Tensor, meta: LoRAMeta, r: int) -> torch.Tensor:
-    """Each row's adapter A as [num_rows, in, r * n_proj], a strided view of the packed
-    slots (every slot in the step has rank r)."""
-    L, in_features, _, n_proj = A.shape
-    width = row_width(r, n_proj)
-    return _row_weights(A.view(L, -1)[:, : in_features * width].view(L, in_features, width)[:, :, : r * n_proj], meta)
-
-
-def _row_weights(w: torch.Tensor, meta: LoRAMeta) -> torch.Tensor:
-    """w [max_loras, ...] per row: w itself when the rows are the slots, else a stack of
-    the rows' slots (5x faster than index_select on these strided bf16 views)."""
-    return w if meta.rows_are_all_slots else torch.stack([w[s] for s in meta.row_slots])
-
-
-def _rank_groups(meta: LoRAMeta, dtype: torch.dtype) -> list[LoRAMeta]:
-    """The step split by rank, one meta per rank present (the other tokens at slot -1),
-    built once per step and kept on the meta."""
-    if meta.rank_groups is None:
-        slots, ranks = meta.token_slots.tolist(), meta.slot_ranks.tolist()
-        meta.rank_groups = [
-            build_lora_meta([s if s >= 0 and ranks[s] == r else -1 for s in slots], ranks,
-                            meta.token_slots.device, dtype)
-            for r in sorted({ranks[s] for s in slots if s >= 0})]
-    return meta.rank_groups
 
 
 # ---------------------------------------------------------------------------------------
@@ -311,10 +253,11 @@ def _bgmv_expand_kernel(
 # Launchers: check the contract, pick block sizes, launch. The grid depends only on tensor
 # shapes (never on values read back from the device), so a launch can be graph-captured.
 
-@dataclass
+@dataclass(frozen=True)
 class GpuLaunch:
-    """Block sizes of the compiled (GPU) launches; `python -m benchmarks.kernels --tune` sweeps
-    them on decode shapes. The interpreter uses its own (fewer, larger programs)."""
+    """Block sizes of the compiled (GPU) launches, passed to each launcher (the Triton
+    backend holds one); `python -m benchmarks.kernels --tune` sweeps them on decode
+    shapes. The interpreter uses its own (fewer, larger programs)."""
     shrink_block_k: int = 128
     shrink_min_programs: int = 512     # split the reduction until this many programs run
     shrink_warps: int = 4
@@ -323,7 +266,7 @@ class GpuLaunch:
     expand_warps: int = 4
 
 
-GPU_LAUNCH = GpuLaunch()
+DEFAULT_LAUNCH = GpuLaunch()
 
 
 def _split_k(programs: int, in_features: int, block_k: int, min_programs: int) -> int:
@@ -371,35 +314,37 @@ def _proj_tensor(rows: tuple, device: torch.device) -> tuple[torch.Tensor, int]:
     return torch.tensor(rows, dtype=torch.int64, device=device), vec
 
 
-def sgmv_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta) -> torch.Tensor:
+def sgmv_shrink(x: torch.Tensor, A: torch.Tensor, blocks: LoRABlocks, launch: GpuLaunch = DEFAULT_LAUNCH) -> torch.Tensor:
     """Semantics: v[t, :rank * n_proj] = x[t] @ slot_a(A, slot[t], rank[slot[t]]).
     x [T, in], A [max_loras, in, r_max, n_proj] packed; returns v [T, r_max * n_proj]
     fp32 (zero outside each token's rank columns and on slot -1 rows)."""
-    return _sum_splits(sgmv_shrink_splits(x, A, meta, torch.zeros))
+    return _sum_splits(sgmv_shrink_splits(x, A, blocks, torch.zeros, launch))
 
 
-def sgmv_shrink_splits(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta, alloc=torch.empty) -> torch.Tensor:
+def sgmv_shrink_splits(x: torch.Tensor, A: torch.Tensor, blocks: LoRABlocks, alloc=torch.empty,
+                       launch: GpuLaunch = DEFAULT_LAUNCH) -> torch.Tensor:
     """The shrink's split-K partials v [split_k, T, r_max * n_proj], allocated by `alloc`:
     uninitialized for the expand, which reads only what the shrink wrote (a decode step
     then has no memset per LoRA layer)."""
+    meta = blocks.meta
     _check_lora_args(x, A, meta)
     _, in_features, r_max, n_proj = A.shape
-    num_blocks = meta.block_slots.numel()
+    num_blocks = blocks.block_slots.numel()
     if not meta.has_lora or num_blocks == 0:
         return alloc(1, x.shape[0], r_max * n_proj, dtype=torch.float32, device=x.device)   # no launch
     interpret = triton.knobs.runtime.interpret
     block_n = min(64, max(16, triton.next_power_of_2(r_max * n_proj)))
-    block_k = 256 if interpret else GPU_LAUNCH.shrink_block_k
+    block_k = 256 if interpret else launch.shrink_block_k
     grid_n = triton.cdiv(r_max * n_proj, block_n)
-    split_k = _split_k(num_blocks * grid_n, in_features, block_k, GPU_LAUNCH.shrink_min_programs)
+    split_k = _split_k(num_blocks * grid_n, in_features, block_k, launch.shrink_min_programs)
     v = alloc(split_k, x.shape[0], r_max * n_proj, dtype=torch.float32, device=x.device)
     kernel(_sgmv_shrink_kernel)[(num_blocks, grid_n, split_k)](
         x, A, v,
-        meta.sorted_token_idx, meta.block_slots, meta.block_ranks, meta.block_starts, meta.block_ends,
+        meta.sorted_token_idx, blocks.block_slots, blocks.block_ranks, blocks.block_starts, blocks.block_ends,
         in_features, x.stride(0), A.stride(0), v.stride(0), v.stride(1),
         N_PROJ=n_proj, ROW_ALIGN=ROW_ALIGN, BLOCK_M=SGMV_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
         SPLIT_K=split_k, DOT_DTYPE=dot_dtype(x.dtype), PRECISION="ieee",
-        num_warps=GPU_LAUNCH.shrink_warps, num_stages=GPU_LAUNCH.shrink_stages,
+        num_warps=launch.shrink_warps, num_stages=launch.shrink_stages,
     )
     return v
 
@@ -414,39 +359,41 @@ def _as_splits(v: torch.Tensor) -> torch.Tensor:
     return v.unsqueeze(0) if v.dim() == 2 else v
 
 
-def sgmv_expand(y: torch.Tensor, v: torch.Tensor, Bs: list[torch.Tensor],
-                out_slices: list[tuple[int, int]], meta: LoRAMeta) -> torch.Tensor:
+def sgmv_expand(y: torch.Tensor, v: torch.Tensor, Bs: list[torch.Tensor], out_slices: list[tuple[int, int]],
+                blocks: LoRABlocks, launch: GpuLaunch = DEFAULT_LAUNCH) -> torch.Tensor:
     """Semantics: y[t, off_p : off_p + out_p] += v[t, p::n_proj][:rank] @ Bs[p][slot[t], :rank].
     v [T, r_max * n_proj] fp32 from sgmv_shrink, or [split_k, T, r_max * n_proj] partials
     that it sums; y may be a column slice of a wider output. Returns y, updated in place."""
+    meta = blocks.meta
     v = _as_splits(v)
     proj, vec = _proj_table(y, v, Bs, out_slices, meta)
-    num_blocks = meta.block_slots.numel()
+    num_blocks = blocks.block_slots.numel()
     if not meta.has_lora or num_blocks == 0:
         return y
     n_proj = len(Bs)
     interpret = triton.knobs.runtime.interpret
     max_out = max(size for _, size in out_slices)
-    block_n = min(1024, triton.next_power_of_2(max_out)) if interpret else GPU_LAUNCH.expand_block_n
+    block_n = min(1024, triton.next_power_of_2(max_out)) if interpret else launch.expand_block_n
     b = list(Bs) + [Bs[0]] * (3 - n_proj)
     kernel(_sgmv_expand_kernel)[(num_blocks, n_proj, triton.cdiv(max_out, block_n))](
         y, v, b[0], b[1], b[2], proj,
-        meta.sorted_token_idx, meta.block_slots, meta.block_ranks, meta.block_starts, meta.block_ends,
+        meta.sorted_token_idx, blocks.block_slots, blocks.block_ranks, blocks.block_starts, blocks.block_ends,
         y.stride(0), v.stride(0), v.stride(1),
         N_PROJ=n_proj, VEC=vec, SPLIT_K=v.shape[0], BLOCK_M=SGMV_BLOCK_M, BLOCK_N=block_n,
         BLOCK_K=64 if interpret else 16, DOT_DTYPE=dot_dtype(Bs[0].dtype), PRECISION="ieee",
-        num_warps=GPU_LAUNCH.expand_warps,
+        num_warps=launch.expand_warps,
     )
     return y
 
 
-def bgmv_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta) -> torch.Tensor:
+def bgmv_shrink(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta, launch: GpuLaunch = DEFAULT_LAUNCH) -> torch.Tensor:
     """Semantics: as sgmv_shrink, one token per program (decode-shaped batches)."""
-    return _sum_splits(bgmv_shrink_splits(x, A, meta, torch.zeros))
+    return _sum_splits(bgmv_shrink_splits(x, A, meta, torch.zeros, launch))
 
 
-def bgmv_shrink_splits(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta, alloc=torch.empty) -> torch.Tensor:
-    """As sgmv_shrink_splits, one token per program."""
+def bgmv_shrink_splits(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta, alloc=torch.empty,
+                       launch: GpuLaunch = DEFAULT_LAUNCH) -> torch.Tensor:
+    """As sgmv_shrink_splits, one token per program, over the core meta's token slots."""
     _check_lora_args(x, A, meta)
     _, in_features, r_max, n_proj = A.shape
     T = x.shape[0]
@@ -456,7 +403,7 @@ def bgmv_shrink_splits(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta, alloc=t
     block_n = min(64, max(16, triton.next_power_of_2(r_max * n_proj)))
     block_k = 256 if interpret else 64
     grid_n = triton.cdiv(r_max * n_proj, block_n)
-    split_k = _split_k(T * grid_n, in_features, block_k, GPU_LAUNCH.shrink_min_programs)
+    split_k = _split_k(T * grid_n, in_features, block_k, launch.shrink_min_programs)
     v = alloc(split_k, T, r_max * n_proj, dtype=torch.float32, device=x.device)
     kernel(_bgmv_shrink_kernel)[(T, grid_n, split_k)](
         x, A, v, meta.token_slots, meta.slot_ranks,
@@ -490,28 +437,32 @@ BGMV_MAX_TOKENS = 16   # steps this small take BGMV: it measured faster there (R
 
 
 def add_lora_triton(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
-                    out_slices: list[tuple[int, int]], meta: LoRAMeta) -> torch.Tensor:
+                    out_slices: list[tuple[int, int]], blocks: LoRABlocks,
+                    launch: GpuLaunch = DEFAULT_LAUNCH) -> torch.Tensor:
     """CUDA path: y += LoRA delta. Steps of up to BGMV_MAX_TOKENS tokens take the
     one-token-per-program BGMV kernels (H100, hidden 4096, rank 16, 16 tokens: 10.0 vs
     11.8 us with 64 adapters, 8.2 vs 8.7 us with one); larger steps take SGMV, which wins
     from 32 tokens with one adapter and from 128 with 64. The choice depends on the
     token count only, so a captured CUDA graph keeps it."""
-    if meta.num_tokens <= BGMV_MAX_TOKENS:
-        return add_lora_bgmv(y, x, A, Bs, out_slices, meta)
-    return add_lora_sgmv(y, x, A, Bs, out_slices, meta)
+    if blocks.meta.num_tokens <= BGMV_MAX_TOKENS:
+        return add_lora_bgmv(y, x, A, Bs, out_slices, blocks.meta, launch)
+    return add_lora_sgmv(y, x, A, Bs, out_slices, blocks, launch)
 
 
 def add_lora_sgmv(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
-                  out_slices: list[tuple[int, int]], meta: LoRAMeta) -> torch.Tensor:
+                  out_slices: list[tuple[int, int]], blocks: LoRABlocks,
+                  launch: GpuLaunch = DEFAULT_LAUNCH) -> torch.Tensor:
     """y += LoRA delta as one SGMV shrink and one SGMV expand launch."""
-    if not meta.has_lora:
+    if not blocks.has_lora:
         return y                                   # no adapter in the step: nothing launched
-    return sgmv_expand(y, sgmv_shrink_splits(x, A, meta), Bs, out_slices, meta)
+    return sgmv_expand(y, sgmv_shrink_splits(x, A, blocks, launch=launch), Bs, out_slices, blocks, launch)
 
 
 def add_lora_bgmv(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
-                  out_slices: list[tuple[int, int]], meta: LoRAMeta) -> torch.Tensor:
-    """The same as add_lora_sgmv with the one-token-per-program kernels (decode shapes)."""
+                  out_slices: list[tuple[int, int]], meta: LoRAMeta,
+                  launch: GpuLaunch = DEFAULT_LAUNCH) -> torch.Tensor:
+    """The same as add_lora_sgmv with the one-token-per-program kernels (decode shapes),
+    which read the core meta only."""
     if not meta.has_lora:
         return y
-    return bgmv_expand(y, bgmv_shrink_splits(x, A, meta), Bs, out_slices, meta)
+    return bgmv_expand(y, bgmv_shrink_splits(x, A, meta, launch=launch), Bs, out_slices, meta)

@@ -12,8 +12,10 @@ batched). Segments longer than MAX_SEG_LEN tokens (long prefill chunks) run insi
 op as ATen matmuls, which win once the weights are reused by enough tokens.
 
 The build (~10 s, once per machine: cached under the user cache dir, keyed by source,
-flags, torch and CPU) needs a C++ compiler and ninja; if it fails, add_lora_cpu logs
-one warning and uses add_lora_grouped from then on.
+flags, torch and CPU) needs a C++ compiler and ninja; the torch backend builds it once
+at engine start (kernels/__init__.py `select_kernels`) and, if it fails, logs one warning
+and takes add_lora_grouped from then on. add_lora_cpu called directly falls back the same
+way, and for inputs the op does not take.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .lora_meta import LoRAMeta
-from .sgmv import add_lora_grouped
+from .sgmv_grouped import add_lora_grouped
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 import sys
 
-from .config import DTYPES, EngineConfig
+from .config import DTYPES, KERNEL_BACKENDS, EngineConfig
 
 ENGINE_FLAGS = {
     "model": "local HF directory, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct, no network needed)",
@@ -35,6 +35,8 @@ ENGINE_FLAGS = {
     "cache_dir": "directory for converted models (default: ~/.cache/loraserve)",
     "enforce_eager": "on CUDA, run decode steps eagerly instead of replaying CUDA graphs captured at start "
                      "(graphs cost a few seconds of start-up and some GPU memory; no effect on CPU)",
+    "kernel_backend": "kernels for LoRA and attention: auto = Triton on CUDA, else the torch paths (the C++ "
+                      "LoRA op on CPU); triton on CPU runs them through Triton's interpreter (TRITON_INTERPRET=1, slow)",
 }
 
 
@@ -45,8 +47,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help_text = ENGINE_FLAGS[f.name] + (f" (default: {f.default})" if f.default is not None else "")
         if f.type in ("bool", bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        elif f.name == "dtype":
-            group.add_argument(flag, choices=DTYPES, default=f.default, help=help_text)
+        elif f.name in ("dtype", "kernel_backend"):
+            choices = DTYPES if f.name == "dtype" else KERNEL_BACKENDS
+            group.add_argument(flag, choices=choices, default=f.default, help=help_text)
         else:
             kind = int if "int" in str(f.type) else str
             group.add_argument(flag, type=kind, default=f.default, help=help_text)

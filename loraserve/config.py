@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KERNEL_BACKENDS = ("auto", "triton", "torch")   # kernels/__init__.py select_kernels
 
 
 @dataclass
@@ -28,10 +29,13 @@ class EngineConfig:
     adapter_dir: str | None = None      # durable adapter store root; None = user cache dir
     cache_dir: str | None = None        # converted-model cache; None = user cache dir
     enforce_eager: bool = False         # CUDA: launch decode kernels one by one, no CUDA graphs
+    kernel_backend: str = "auto"        # auto = Triton on CUDA, else torch; triton on CPU = the interpreter (tests)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.kernel_backend not in KERNEL_BACKENDS:
+            raise ValueError(f"kernel_backend {self.kernel_backend!r} is not one of {', '.join(KERNEL_BACKENDS)}")
         checks = {
             "block_size": self.block_size, "max_num_seqs": self.max_num_seqs,
             "max_num_batched_tokens": self.max_num_batched_tokens,

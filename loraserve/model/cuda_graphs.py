@@ -7,7 +7,8 @@ copies its inputs into the graphs' static buffers, pads to the bucket, and repla
 
 What keeps a captured graph valid for every later step:
 - Inputs live in static buffers at their largest size (token ids, positions, KV slots,
-  block tables, context lengths, and the LoRA metadata: `LoRAMetaBuffers` per bucket).
+  block tables, context lengths, and the LoRA metadata in the Triton backend's form:
+  `LoRAMetaBuffers` per bucket; graphs run with the Triton kernels only).
 - Every kernel sizes its grid from tensor shapes, never from values; the LoRA kernels
   read each segment's slot and rank from the metadata buffers.
 - Padding rows are a harmless real sequence: one token at position 0 in a scratch KV
@@ -15,8 +16,8 @@ What keeps a captured graph valid for every later step:
   like any other row, and their outputs are dropped.
 
 `capture=False` keeps the same buffers and padding but re-runs the captured closure
-instead of a graph. With the Triton kernels taken on CPU (`kernels.triton_on_cpu`) that
-is what a replay does, Python-side decisions frozen at capture included, so CI tests it.
+instead of a graph. With the Triton kernels taken on CPU (`kernel_backend="triton"`
+under TRITON_INTERPRET=1) that is what a replay does, Python-side decisions frozen at capture included, so CI tests it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from loraserve.kernels import LoRAMeta, LoRAMetaBuffers, build_lora_meta
+from loraserve.kernels import LoRABlocks, LoRAMetaBuffers
 
 
 def graph_buckets(max_batch: int) -> list[int]:
@@ -102,7 +103,7 @@ class DecodeGraphs:
                               + [[self.scratch_block] * width] * pad)
         self.block_tables[:bs, :width].copy_(tables, non_blocking=True)
 
-    def _batch(self, bs: int, lora: LoRAMeta):
+    def _batch(self, bs: int, lora: LoRABlocks):
         from .llama import ForwardBatch
 
         device = self.input_ids.device
@@ -119,7 +120,7 @@ class DecodeGraphs:
         if with_lora:     # any slot: has_lora is what the capture freezes; ranks come from the buffers
             lora = self.lora_buffers[bs].fill([0] * bs, ranks)
         else:
-            lora = build_lora_meta([-1] * bs, ranks, self.input_ids.device)
+            lora = self.model.kernels.lora_meta([-1] * bs, ranks, self.input_ids.device)
         batch = self._batch(bs, lora)
 
         def forward() -> None:

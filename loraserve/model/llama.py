@@ -1,7 +1,8 @@
 """Llama-family decoder (Llama, Mistral, Qwen2 with q/k/v bias, SmolLM) over flat tokens.
 
 q,k,v and gate,up are fused into one matmul each, and every projection adds its LoRA
-delta from the step's adapter slots (kernels.add_lora). Numerics follow HF
+delta from the step's adapter slots. Every kernel call goes through the `Kernels` the
+model is built with (kernels/__init__.py select_kernels: chosen once, at engine start). Numerics follow HF
 transformers (fp32 RMSNorm, HF's rotary tables) so logits match it at fp32.
 """
 
@@ -13,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraserve import kernels
-from loraserve.kernels import LoRAMeta
+from loraserve.kernels import Kernels, LoRABlocks, LoRAMeta
 
 from loraserve.adapters import LoRAGroup
 
@@ -33,7 +33,7 @@ class ForwardBatch:
     decode_block_tables: torch.Tensor   # [D, max_blocks] int64
     decode_context_lens: torch.Tensor   # [D] int64
     decode_max_context_len: int
-    lora: LoRAMeta
+    lora: LoRAMeta | LoRABlocks         # in the form the model's Kernels reads (Kernels.lora_meta)
 
 
 class RMSNorm(nn.Module):
@@ -57,8 +57,9 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, head_dim: int):
+    def __init__(self, config, head_dim: int, kernels: Kernels):
         super().__init__()
+        self.kernels = kernels
         h, nh, nkv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
         self.num_heads, self.num_kv_heads, self.head_dim = nh, nkv, head_dim
         self.q_size, self.kv_size = nh * head_dim, nkv * head_dim
@@ -74,11 +75,11 @@ class DecoderLayer(nn.Module):
         self.k_cache: torch.Tensor | None = None   # [num_blocks, block_size, H_kv, D]
         self.v_cache: torch.Tensor | None = None
 
-    def _proj(self, name: str, linear: nn.Linear, x: torch.Tensor, meta: LoRAMeta) -> torch.Tensor:
+    def _proj(self, name: str, linear: nn.Linear, x: torch.Tensor, meta: LoRAMeta | LoRABlocks) -> torch.Tensor:
         y = linear(x)
         if meta.has_lora:
             g = self.lora[name]
-            kernels.add_lora(y, x, g.A, g.Bs, g.out_slices, meta)
+            self.kernels.add_lora(y, x, g.A, g.Bs, g.out_slices, meta)
         return y
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
@@ -95,6 +96,7 @@ class DecoderLayer(nn.Module):
         return x + self._proj("down", self.down, F.silu(gate) * up, batch.lora)
 
     def _attention(self, q, k, v, batch: ForwardBatch) -> torch.Tensor:
+        kernels = self.kernels
         kernels.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
         p = batch.num_prefill_tokens
         out = torch.empty_like(q)
@@ -110,12 +112,13 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config, max_position: int):
+    def __init__(self, config, max_position: int, kernels: Kernels):
         super().__init__()
         self.config = config
+        self.kernels = kernels
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, self.head_dim) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, self.head_dim, kernels) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.tie = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tie else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -179,8 +182,8 @@ class LlamaForCausalLM(nn.Module):
         dtype, device = self.embed.weight.dtype, self.embed.weight.device
         shape = (num_blocks, block_size, self.config.num_key_value_heads, self.head_dim)
         for layer in self.layers:
-            layer.k_cache = kernels.allocate_kv_cache(*shape, dtype, device)
-            layer.v_cache = kernels.allocate_kv_cache(*shape, dtype, device)
+            layer.k_cache = self.kernels.allocate_kv_cache(*shape, dtype, device)
+            layer.v_cache = self.kernels.allocate_kv_cache(*shape, dtype, device)
 
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")

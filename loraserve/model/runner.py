@@ -11,7 +11,7 @@ import torch
 
 from loraserve.config import EngineConfig
 from loraserve.hooks import EngineHooks
-from loraserve.kernels import build_lora_meta, warm_up_cpu_lora
+from loraserve.kernels import select_kernels
 from loraserve.adapters import SlotPool
 from loraserve.sequence import Sequence
 
@@ -56,8 +56,9 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.slots = slots
         self.block_size = config.block_size
+        self.kernels = select_kernels(self.device, config.kernel_backend)   # on CPU: builds the LoRA op once
         with torch.device("meta"):
-            model = LlamaForCausalLM(hf_config, max_model_len)
+            model = LlamaForCausalLM(hf_config, max_model_len, self.kernels)
         model = model.to_empty(device=self.device).to(self.dtype)
         model.load_hf_weights(load_state_dict(model_dir))
         model.init_rotary(self.dtype)
@@ -67,10 +68,8 @@ class ModelRunner:
         model.init_kv_cache(self.num_blocks + 1, self.block_size)   # + the scratch block of graph padding
         self.hooks = hooks or EngineHooks()
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not config.enforce_eager:
+        if self.device.type == "cuda" and not config.enforce_eager and self.kernels.name == "triton":
             self.graphs = self.make_decode_graphs(max_model_len, capture=True)
-        if self.device.type == "cpu":
-            warm_up_cpu_lora()
 
     def make_decode_graphs(self, max_model_len: int, capture: bool) -> DecodeGraphs:
         """Decode batches up to min(max_num_seqs, 256) replay captured graphs; larger ones
@@ -139,5 +138,5 @@ class ModelRunner:
             decode_block_tables=self._block_tables(decode),
             decode_context_lens=self._tensor(decode_lens),
             decode_max_context_len=max(decode_lens, default=0),
-            lora=build_lora_meta(token_slots, self.slots.ranks, self.device, self.dtype),
+            lora=self.kernels.lora_meta(token_slots, self.slots.ranks, self.device),
         )

@@ -1,6 +1,6 @@
 """Decode through captured CUDA graphs gives what eager decode gives.
 
-On CPU the Triton kernels run through the interpreter (`kernels.triton_on_cpu`) and a
+On CPU the Triton kernels run through the interpreter (`kernel_backend="triton"`) and a
 "replay" re-runs the captured closure over the same static buffers, with the Python-side
 decisions frozen at capture: everything a graph replay does but the graph itself. On a
 GPU the same test captures real graphs. Both compare with eager decode and HF+PEFT."""
@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lorakit import ADAPTER_MIX, PeftOracle, run_and_record
-from loraserve import LLM, SamplingParams, kernels
+from loraserve import LLM, SamplingParams
+from loraserve.kernels import triton_kernels
 from loraserve.model.cuda_graphs import DecodeGraphs, graph_buckets
 
 CUDA = torch.cuda.is_available()
@@ -31,16 +32,14 @@ def test_buckets_cover_every_batch_size_up_to_the_largest():
 @pytest.fixture
 def on_graph_device():
     """CUDA: real graphs. CPU: the Triton kernels through the interpreter."""
-    if CUDA:
-        yield "cuda"
-    else:
-        with kernels.triton_on_cpu():
-            yield "cpu"
+    if not CUDA:
+        triton_kernels(torch.device("cpu"))           # fails here, not in an engine, without the interpreter
+    return "cuda" if CUDA else "cpu"
 
 
 def make_llm(base_dir, adapters, device: str, eager: bool) -> LLM:
     llm = LLM(model=base_dir, dtype="float32", device=device, max_loras=4, max_lora_rank=64,
-              max_num_seqs=6, enforce_eager=eager)
+              max_num_seqs=6, enforce_eager=eager, kernel_backend="triton")
     if device == "cpu" and not eager:                 # emulate replay: same buffers, no graph
         runner = llm.engine.runner
         runner.graphs = runner.make_decode_graphs(llm.engine.max_model_len, capture=False)

@@ -6,8 +6,7 @@ reloading a slot with a smaller adapter leaves nothing of the larger one behind.
 import pytest
 import torch
 
-from loraserve import kernels
-from loraserve.kernels import add_lora_cpu, add_lora_grouped, add_lora_triton, build_lora_meta
+from loraserve.kernels import add_lora_cpu, add_lora_grouped, add_lora_triton, build_lora_meta, select_kernels
 from loraserve.adapters import LoRAGroup
 
 HIDDEN, OUTS = 64, [64, 16, 16]          # a qkv-like group
@@ -25,12 +24,11 @@ def adapter(rank: int, seed: int):
 
 def run(impl, group: LoRAGroup, x, slots, ranks):
     y = torch.zeros(x.shape[0], sum(OUTS))
-    meta = build_lora_meta(slots, ranks)
-    if impl is add_lora_triton:
+    if impl is add_lora_triton:                     # the Triton backend on CPU: the interpreter
         pytest.importorskip("triton")
-        with kernels.triton_on_cpu():
-            return impl(y, x, group.A, group.Bs, group.out_slices, meta)
-    return impl(y, x, group.A, group.Bs, group.out_slices, meta)
+        triton = select_kernels("cpu", "triton")
+        return triton.add_lora(y, x, group.A, group.Bs, group.out_slices, triton.lora_meta(slots, ranks, "cpu"))
+    return impl(y, x, group.A, group.Bs, group.out_slices, build_lora_meta(slots, ranks))
 
 
 @pytest.mark.parametrize("impl", [add_lora_cpu, add_lora_grouped, add_lora_triton],

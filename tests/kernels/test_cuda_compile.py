@@ -72,7 +72,7 @@ def compile_all(arch: int, dtypes: list[str]) -> None:
         act = {n: "*" + dt for n in ("x_ptr", "a_ptr", "y_ptr", "b0_ptr", "b1_ptr", "b2_ptr", "q_ptr", "out_ptr",
                                      "k_ptr", "v_cache_ptr", "k_cache_ptr")}
         lora = {**act, "v_ptr": "*fp32", "sorted_idx_ptr": "*i64", "proj_ptr": "*i64"}
-        launch = sgmv.GPU_LAUNCH
+        launch = sgmv.DEFAULT_LAUNCH
         for n_proj, split_k in [(1, 1), (1, 8), (3, 16)]:
             block_n = triton.next_power_of_2(16 * n_proj)          # rank 16: what the launchers pick
             ptx = {

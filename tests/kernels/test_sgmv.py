@@ -16,9 +16,9 @@ pytest.importorskip("triton")
 
 from lorakit import random_lora_slots  # noqa: E402
 
-from loraserve.kernels import add_lora, build_lora_meta, use_triton  # noqa: E402
+from loraserve.kernels import build_lora_meta, select_kernels  # noqa: E402
 from loraserve.kernels import sgmv  # noqa: E402
-from loraserve.kernels.lora_meta import LoRAMetaBuffers  # noqa: E402
+from loraserve.kernels.lora_meta import LoRABlocks, LoRAMetaBuffers  # noqa: E402
 from loraserve.kernels.sgmv import (  # noqa: E402
     add_lora_bgmv, add_lora_ref, add_lora_sgmv, add_lora_triton, bgmv_shrink, sgmv_shrink, slot_a,
 )
@@ -126,8 +126,13 @@ def make_problem(case: dict, device: str, seed: int = 0):
     out_slices = [(sum(outs[:p]), o) for p, o in enumerate(outs)]
     slots = _token_slots(case["popularity"], T, num_slots, rng)
     to = dict(device=device, dtype=dtype)
-    meta = build_lora_meta(slots, ranks, device=device, dtype=dtype)
+    meta = build_lora_meta(slots, ranks, device=device)
     return fused.to(**to), x.to(**to), A.to(**to), [B.to(**to) for B in Bs], out_slices, meta
+
+
+def view(impl, meta):
+    """The metadata in the form `impl` reads: SGMV reads token blocks, BGMV the core."""
+    return meta if impl in (add_lora_bgmv, bgmv_shrink) else LoRABlocks.of(meta)
 
 
 def check_add_lora(impls, case: dict, device: str) -> None:
@@ -141,7 +146,7 @@ def check_add_lora(impls, case: dict, device: str) -> None:
     for impl in impls:
         fused = before.clone()
         y = fused[:, 3 : 3 + N]
-        out = impl(y, x, A, Bs, out_slices, meta)
+        out = impl(y, x, A, Bs, out_slices, view(impl, meta))
         assert out.data_ptr() == y.data_ptr()
         atol, rtol = TOL[case["dtype"]]
         torch.testing.assert_close(out.float().cpu(), expected, atol=atol, rtol=rtol)
@@ -179,7 +184,7 @@ def test_shrink_writes_each_token_rank_columns(shrink, device):
     """v in token order, A's interleaved columns, zero beyond the token's rank."""
     case = dict(dtype=torch.float32, rank="mixed", hidden=64, popularity="uniform", num_tokens=33, n_proj=3)
     _, x, A, _, _, meta = make_problem(case, device)
-    v = shrink(x, A, meta).cpu()
+    v = shrink(x, A, view(shrink, meta)).cpu()
     ranks = meta.slot_ranks.tolist()
     for t, s in enumerate(meta.token_slots.tolist()):
         if s < 0:
@@ -200,7 +205,7 @@ def test_no_adapter_step_launches_nothing(device, monkeypatch):
     monkeypatch.setattr(sgmv, "kernel", fail)
     before = fused.clone()
     for impl in (add_lora_triton, add_lora_sgmv, add_lora_bgmv):
-        impl(fused[:, : sum(s for _, s in out_slices)], x, A, Bs, out_slices, meta)
+        impl(fused[:, : sum(s for _, s in out_slices)], x, A, Bs, out_slices, view(impl, meta))
     assert torch.equal(fused, before)
 
 
@@ -213,6 +218,7 @@ def test_add_fills_no_buffer(impl, device, monkeypatch):
     y = fused[:, : out_slices[0][1]]
     expected = add_lora_ref(y.float().cpu().clone(), x.cpu(), A.cpu(), [B.cpu() for B in Bs], out_slices,
                             meta_to_cpu(meta))
+    meta = view(impl, meta)
 
     def no_fill(*args, **kwargs):
         raise AssertionError("the LoRA add zero-filled a buffer")
@@ -233,7 +239,7 @@ def test_small_steps_take_bgmv(num_tokens, expected, device, monkeypatch):
     taken = []
     for name in ("sgmv", "bgmv"):
         monkeypatch.setattr(sgmv, f"add_lora_{name}", lambda *a, name=name: taken.append(name))
-    add_lora_triton(y, x, A, Bs, out_slices, meta)
+    add_lora_triton(y, x, A, Bs, out_slices, LoRABlocks.of(meta))
     assert taken == [expected]
 
 
@@ -241,10 +247,12 @@ def test_dispatch_is_one_branch_on_device():
     """CPU tensors take the torch path even with triton installed."""
     case = dict(dtype=torch.float32, rank=8, hidden=64, popularity="uniform", num_tokens=7, n_proj=2)
     fused, x, A, Bs, out_slices, meta = make_problem(case, "cpu")
-    assert not use_triton(x)
+    kernels = select_kernels(x.device)
+    assert kernels.name == "torch"
     N = sum(s for _, s in out_slices)
     expected = add_lora_ref(fused[:, :N].clone(), x, A, Bs, out_slices, meta)
-    torch.testing.assert_close(add_lora(fused[:, :N], x, A, Bs, out_slices, meta), expected)
+    step = kernels.lora_meta(meta.token_slots.tolist(), meta.slot_ranks.tolist(), x.device)
+    torch.testing.assert_close(kernels.add_lora(fused[:, :N], x, A, Bs, out_slices, step), expected)
 
 
 def test_graph_buffers_keep_addresses_and_results(device):
@@ -258,9 +266,9 @@ def test_graph_buffers_keep_addresses_and_results(device):
     addresses = None
     for slots in ([3, -1, 0, 3, 7, 7, 7, 1] * 5, [5] * 33, [-1, 2] * 3):
         step = buffers.fill(slots, ranks)
-        ptrs = [t.data_ptr() for t in (step.token_slots, step.sorted_token_idx, step.seg_starts,
-                                        step.seg_slots, step.slot_ranks, step.block_slots, step.block_ranks,
-                                        step.block_starts, step.block_ends)]
+        ptrs = [t.data_ptr() for t in (step.meta.token_slots, step.meta.sorted_token_idx, step.meta.seg_starts,
+                                        step.meta.seg_slots, step.meta.slot_ranks, step.block_slots,
+                                        step.block_ranks, step.block_starts, step.block_ends)]
         assert addresses in (None, ptrs)
         addresses = ptrs
         y = torch.zeros(40, N, device=device)                     # rows padded to max_tokens
@@ -276,7 +284,7 @@ def test_launcher_rejects_mismatched_dtypes(device):
     case = dict(dtype=torch.float16, rank=8, hidden=64, popularity="uniform", num_tokens=7, n_proj=1)
     _, x, A, _, _, meta = make_problem(case, device)
     with pytest.raises(AssertionError, match="share a dtype"):
-        sgmv_shrink(x.float(), A, meta)
+        sgmv_shrink(x.float(), A, LoRABlocks.of(meta))
 
 
 GPU_CASES = [c for c in (dict(zip(AXES, values)) for values in itertools.product(*AXES.values()))

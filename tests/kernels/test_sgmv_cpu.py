@@ -46,7 +46,7 @@ def make(kind: str, dtype, ranks, outs, hidden=72, seed=0):
     y = torch.randn(len(slots), sum(outs), generator=gen)
     x, y, A, Bs = x.to(dtype), y.to(dtype), A.to(dtype), [B.to(dtype) for B in Bs]
     out_slices = [(sum(outs[:p]), o) for p, o in enumerate(outs)]
-    meta = build_lora_meta(slots, list(ranks), dtype=dtype)
+    meta = build_lora_meta(slots, list(ranks))
     expected = add_lora_ref(y.float(), x.float(), A.float(), [B.float() for B in Bs], out_slices, meta)
     return y, x, A, Bs, out_slices, meta, expected
 

@@ -37,7 +37,7 @@ def make(kind: str, dtype, ranks=(4, 16, 8, 1, 16, 12, 2, 16), hidden=96, outs=(
     x = torch.randn(len(slots), hidden, generator=gen)
     y = torch.randn(len(slots), sum(outs), generator=gen)
     out_slices = [(sum(outs[:p]), o) for p, o in enumerate(outs)]
-    meta = build_lora_meta(slots, list(ranks), dtype=dtype)
+    meta = build_lora_meta(slots, list(ranks))
     return y, x, A, Bs, out_slices, meta
 
 
@@ -60,11 +60,11 @@ def test_grouped_matches_oracle(kind, dtype, ranks):
 
 def test_layout_flags_choose_the_gather_free_path():
     _, _, _, _, _, sorted_meta = make("sorted_equal", torch.float32)
-    assert sorted_meta.rows_are_tokens and sorted_meta.all_tokens_have_lora
+    assert sorted_meta.rows.rows_are_tokens and sorted_meta.rows.all_tokens_have_lora
     _, _, _, _, _, mixed = make("shuffled_with_base", torch.float32)
-    assert not mixed.rows_are_tokens and not mixed.all_tokens_have_lora
+    assert not mixed.rows.rows_are_tokens and not mixed.rows.all_tokens_have_lora
     _, _, _, _, _, long_seg = make("one_long_segment", torch.float32)
-    assert long_seg.row_slots.count(3) > 1            # the long segment spans several rows
+    assert long_seg.rows.row_slots.count(3) > 1       # the long segment spans several rows
 
 
 def test_rank_of_the_step_is_the_largest_present():
