@@ -165,7 +165,7 @@ class AsyncEngine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._run_commands()
-            if not self.engine.has_unfinished():
+            if not self.engine.has_unfinished() or not self._may_step():
                 self._wake.wait(0.1)
                 self._wake.clear()
                 continue
@@ -182,6 +182,10 @@ class AsyncEngine:
                     stream.put(_snapshot(out))
                     if out.finished:
                         del self._streams[out.request_id]
+
+    def _may_step(self) -> bool:
+        may_step = self.engine.hooks.may_step
+        return may_step is None or may_step()
 
     def _run_commands(self) -> None:
         while True:

@@ -23,6 +23,9 @@ class EngineHooks:
     # (adapter record) on a loader thread, before the adapter is read from disk; may
     # block (a slow disk) or raise (a failing one)
     before_adapter_load: Callable | None = None
+    # () on AsyncEngine's loop thread before each step it would run; False holds the step
+    # back for this round, as if there were nothing to do (commands still run)
+    may_step: Callable | None = None
 
     def adapter_load(self, record) -> None:
         if self.before_adapter_load is not None:

@@ -106,21 +106,16 @@ class StepGate:
     (stats, aborts): to it, a shut gate looks like an engine with nothing to do."""
 
     def __init__(self, core):
-        self.core = core
+        self.hooks = core.hooks         # through the engine's public seam (loraserve/hooks.py)
         self.permits = threading.Semaphore(0)
         self.opened = threading.Event()
-        self.original_step, self.original_has_unfinished = core.step, core.has_unfinished
         self.num_steps = 0              # steps the engine has run through the gate
-        core.step, core.has_unfinished = self._step, self._has_unfinished
+        self.hooks.may_step = self._may_step
 
-    def _has_unfinished(self) -> bool:
-        if not self.original_has_unfinished():
-            return False
-        return self.opened.is_set() or self.permits.acquire(blocking=False)
-
-    def _step(self):
-        self.num_steps += 1
-        return self.original_step()
+    def _may_step(self) -> bool:
+        allowed = self.opened.is_set() or self.permits.acquire(blocking=False)
+        self.num_steps += allowed
+        return allowed
 
     def allow(self, steps: int) -> None:
         self.permits.release(steps)
@@ -129,9 +124,9 @@ class StepGate:
         self.opened.set()
 
     def close(self) -> None:
-        """Restore the engine's own methods."""
+        """Let the engine step freely again."""
         self.open()
-        self.core.step, self.core.has_unfinished = self.original_step, self.original_has_unfinished
+        self.hooks.may_step = None
 
     def __enter__(self) -> "StepGate":
         return self
