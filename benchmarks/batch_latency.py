@@ -2,6 +2,7 @@
 
     python -m benchmarks.batch_latency                    # starts `loraserve serve` itself (embedded SmolLM2)
     python -m benchmarks.batch_latency --lines 500 --probes 24 --concurrency 8
+    python -m benchmarks.batch_latency --caps 0,1,16 --context-words 300   # the background cap, A/B/C
 
 A probe is one streamed chat request (greedy, --probe-tokens tokens), sent one after the
 other, --gap seconds apart; its TTFT is the time to the first streamed chunk, its ITL the
@@ -39,9 +40,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TOPICS = ["the sea", "a robot", "a small town", "the moon", "a lost key", "winter", "a library", "a train"]
 
 
-def start_batch_server(args, work: str):
+def start_batch_server(args, work: str, cap: str | None = None):
     serve_args = ["--adapter-dir", os.path.join(work, "store"), "--batch-concurrency", str(args.concurrency),
                   "--log-level", "warning"]
+    if cap is not None:
+        serve_args += ["--max-background-tokens", cap]
     return start_server(serve_args + (["--model", args.model] if args.model else []))
 
 
@@ -50,8 +53,11 @@ def chat_body(model: str, text: str, max_tokens: int, stream: bool = False) -> d
             "temperature": 0, "ignore_eos": True, "stream": stream}
 
 
-def load_text(i: int) -> str:
-    return f"Write a short story about {TOPICS[i % len(TOPICS)]}, story number {i}."
+def load_text(i: int, context_words: int = 0) -> str:
+    """A batch line's prompt; `context_words` words of notes before it make a long prompt."""
+    notes = " ".join(TOPICS[(i + k) % len(TOPICS)].split()[-1] for k in range(context_words))
+    ask = f"Write a short story about {TOPICS[i % len(TOPICS)]}, story number {i}."
+    return f"Notes: {notes}\n{ask}" if context_words else ask
 
 
 async def probe(client: httpx.AsyncClient, model: str, max_tokens: int) -> tuple[float, float]:
@@ -78,7 +84,8 @@ async def probes(client: httpx.AsyncClient, args, model: str, n: int) -> list[tu
 
 async def upload_batch_file(client: httpx.AsyncClient, args, model: str) -> str:
     lines = [{"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
-              "body": chat_body(model, load_text(i), args.batch_tokens)} for i in range(args.lines)]
+              "body": chat_body(model, load_text(i, args.context_words), args.batch_tokens)}
+             for i in range(args.lines)]
     data = "".join(json.dumps(line) + "\n" for line in lines).encode()
     r = await client.post("/v1/files", data={"purpose": "batch"}, files={"file": ("batch.jsonl", data)})
     r.raise_for_status()
@@ -115,7 +122,8 @@ async def control_phase(client: httpx.AsyncClient, args, model: str, n: int) -> 
         nonlocal answered
         i = k
         while not stop.is_set():
-            r = await client.post("/v1/chat/completions", json=chat_body(model, load_text(i), args.batch_tokens))
+            r = await client.post("/v1/chat/completions",
+                                  json=chat_body(model, load_text(i, args.context_words), args.batch_tokens))
             r.raise_for_status()
             answered += 1
             i += args.concurrency
@@ -147,37 +155,54 @@ def row(name: str, results: list[tuple[float, float]], infos: list[dict], idle: 
             f"{statistics.median(itl) / base_itl:.2f}x | {load} |")
 
 
-async def run(args, url: str) -> int:
-    phases = {"idle": ([], []), "batch": ([], []), "control": ([], [])}
+async def run(args, urls: dict[str, str]) -> int:
+    """`urls`: one server per label (a --max-background-tokens value, or "server"); each
+    round takes every server's phases in turn, so a drift in the machine's load hits
+    them alike and the servers' figures compare within one run."""
     per_round = max(1, args.probes // args.rounds)
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        model = (await client.get("/v1/models")).json()["data"][0]["id"]
-        file_id = await upload_batch_file(client, args, model)
-        await probes(client, args, model, 2)                       # warm-up
-        for _ in range(args.rounds):    # the phases take turns, so a drift in the machine's load hits them alike
-            phases["idle"][0].extend(await probes(client, args, model, per_round))
-            for name, phase in (("batch", batch_phase), ("control", control_phase)):
-                if name == "control" and not args.control:
-                    continue
-                extra = (file_id,) if name == "batch" else ()
-                results, info = await phase(client, args, model, *extra, per_round)
-                phases[name][0].extend(results)
-                phases[name][1].append(info)
-    report = table(args, model, per_round, phases)
+    clients = {label: httpx.AsyncClient(base_url=url, timeout=600) for label, url in urls.items()}
+    phases = {label: {"idle": ([], []), "batch": ([], []), "control": ([], [])} for label in urls}
+    try:
+        setup = {}
+        for label, client in clients.items():
+            model = (await client.get("/v1/models")).json()["data"][0]["id"]
+            setup[label] = model, await upload_batch_file(client, args, model)
+            await probes(client, args, model, 2)                   # warm-up
+        for _ in range(args.rounds):
+            for label, client in clients.items():
+                model, file_id = setup[label]
+                await one_round(client, args, model, file_id, per_round, phases[label])
+    finally:
+        for client in clients.values():
+            await client.aclose()
+    report = "\n".join(table(args, setup[label][0], per_round, phases[label], label) for label in urls)
     print("\n" + report)
     if args.write:
         write_section(os.path.join(HERE, "RESULTS.md"), "batch_latency.py", report)
     return 0
 
 
-def table(args, model: str, per_round: int, phases: dict) -> str:
+async def one_round(client: httpx.AsyncClient, args, model: str, file_id: str, per_round: int, phases: dict) -> None:
+    phases["idle"][0].extend(await probes(client, args, model, per_round))
+    for name, phase in (("batch", batch_phase), ("control", control_phase)):
+        if name == "control" and not args.control:
+            continue
+        extra = (file_id,) if name == "batch" else ()
+        results, info = await phase(client, args, model, *extra, per_round)
+        phases[name][0].extend(results)
+        phases[name][1].append(info)
+
+
+def table(args, model: str, per_round: int, phases: dict, label: str = "server") -> str:
     idle = phases["idle"][0]
+    cap = "the server's own" if label == "server" else label
     lines = [
-        "## Interactive latency while a batch runs (benchmarks/batch_latency.py)", "",
+        f"## Interactive latency while a batch runs (benchmarks/batch_latency.py), --max-background-tokens {cap}", "",
         "`" + " ".join(["python -m benchmarks.batch_latency", *sys.argv[1:]]) + "`", "",
         f"model {model}; {per_round * args.rounds} probes per phase in {args.rounds} rounds ({args.probe_tokens} "
         f"tokens, greedy, one at a time, {args.gap} s apart); a new batch of {args.lines} lines of "
-        f"{args.batch_tokens} tokens each round, --batch-concurrency {args.concurrency}; "
+        f"{args.batch_tokens} tokens each round ({args.context_words} words of notes before each prompt), "
+        f"--batch-concurrency {args.concurrency}; "
         f"{platform.machine()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end", "",
         "| phase | TTFT p50 (ms) | TTFT p90 (ms) | TTFT p50 / idle | ITL p50 (ms) | ITL p50 / idle | "
         "load requests answered meanwhile |",
@@ -209,16 +234,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--probe-tokens", type=int, default=8, help="max_tokens of each probe (default: 8)")
     p.add_argument("--gap", type=float, default=0.25, help="seconds between probes (default: 0.25)")
     p.add_argument("--no-control", dest="control", action="store_false", help="skip the control phase")
+    p.add_argument("--context-words", type=int, default=0, help="words of notes before each batch line's prompt: "
+                   "long prompts, whose prefill the background cap chunks (default: 0)")
+    p.add_argument("--caps", default=None, metavar="N,N,...", help="start one server per "
+                   "--max-background-tokens value (0 = no cap) and compare them in the same run "
+                   "(default: one server with its own)")
     p.add_argument("--write", action="store_true", help="put the table into benchmarks/RESULTS.md (its own section)")
     args = p.parse_args(argv)
     if args.url:
-        return asyncio.run(run(args, args.url))
+        return asyncio.run(run(args, {"server": args.url}))
+    caps = args.caps.split(",") if args.caps else [None]
     with tempfile.TemporaryDirectory() as work:
-        proc, url = start_batch_server(args, work)
+        procs, urls = [], {}
         try:
-            return asyncio.run(run(args, url))
+            for cap in caps:
+                proc, url = start_batch_server(args, os.path.join(work, f"cap-{cap}"), cap)
+                procs.append(proc)
+                urls["server" if cap is None else cap] = url
+            return asyncio.run(run(args, urls))
         finally:
-            stop_server(proc)
+            for proc in procs:
+                stop_server(proc)
 
 
 if __name__ == "__main__":
