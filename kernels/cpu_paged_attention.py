@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from . import cpu_attention
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_paged_attention.cpp")
@@ -85,6 +87,11 @@ def _options(window: int | None, softcap: float | None) -> tuple[int, float]:
     return (window or 0), float(softcap or 0.0)
 
 
+def _extra(window, softcap) -> dict:
+    """The options for the gather path, only when set (its signature gains them separately)."""
+    return {name: x for name, x in (("window", window), ("softcap", softcap)) if x is not None}
+
+
 def _tables(block_tables: torch.Tensor) -> torch.Tensor:
     if block_tables.dtype != torch.int64 or block_tables.stride(-1) != 1:
         block_tables = block_tables.to(torch.int64).contiguous()
@@ -98,6 +105,9 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """One new token per sequence. q [B, H, D]; block_tables [B, max_blocks]; context_lens
     [B] (including the new token, already stored). Returns [B, H, D]. max_context_len is
     not needed: each work item loops to its own context length."""
+    if q.dtype not in DTYPES:                      # fp16: the gather path
+        return cpu_attention.paged_attention_decode(q, k_cache, v_cache, block_tables, context_lens,
+                                                    max_context_len, scale, **_extra(window, softcap))
     w, cap = _options(window, softcap)
     return extension().decode(q, k_cache, v_cache, _tables(block_tables), context_lens, scale, w, cap)
 
@@ -108,6 +118,9 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             softcap: float | None = None) -> torch.Tensor:
     """Several sequences' new tokens, packed. q [T, H, D] with T = sum(query_lens);
     sequence i attends to its first context_lens[i] cached tokens, causally."""
+    if q.dtype not in DTYPES:
+        return cpu_attention.paged_attention_prefill(q, k_cache, v_cache, block_tables, query_lens,
+                                                     context_lens, scale, **_extra(window, softcap))
     w, cap = _options(window, softcap)
     return extension().prefill(q, k_cache, v_cache, _tables(block_tables), list(query_lens),
                                list(context_lens), scale, w, cap)

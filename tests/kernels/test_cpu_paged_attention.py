@@ -138,3 +138,27 @@ def test_rejects_bad_options():
         op.paged_attention_decode(q, k_ref, v_ref, tables, torch.tensor([5]), 5, 1.0, window=0)
     with pytest.raises(ValueError, match="softcap"):
         op.paged_attention_decode(q, k_ref, v_ref, tables, torch.tensor([5]), 5, 1.0, softcap=-1.0)
+
+
+def test_fp16_takes_the_gather_path():
+    case = {**OP_CASES[1], "dtype": torch.float16}
+    k_ref, v_ref, tables = make_cache(case, DECODE_CONTEXTS, "cpu")
+    q, _, _ = qkv_views(len(DECODE_CONTEXTS), case, "cpu")
+    lens, scale = torch.tensor(DECODE_CONTEXTS), case["head_dim"] ** -0.5
+    out = op.paged_attention_decode(q, head_major_copy(k_ref), head_major_copy(v_ref), tables, lens,
+                                    max(DECODE_CONTEXTS), scale)
+    expected = paged_attention_decode(q.float(), k_ref.float(), v_ref.float(), tables, lens,
+                                      max(DECODE_CONTEXTS), scale)
+    close(out, expected, torch.float16)
+
+
+def test_select_kernels_takes_the_op_on_cpu_and_falls_back(monkeypatch):
+    from loraserve import kernels
+
+    chosen = kernels.select_kernels("cpu", "torch")
+    assert chosen.paged_attention_decode is op.paged_attention_decode
+    assert chosen.paged_attention_prefill is op.paged_attention_prefill
+    monkeypatch.setattr(op, "extension", lambda: None)     # as when it cannot build
+    fallback = kernels.select_kernels("cpu", "torch")
+    assert fallback.paged_attention_decode is cpu_attention.paged_attention_decode
+    assert fallback.paged_attention_prefill is cpu_attention.paged_attention_prefill
