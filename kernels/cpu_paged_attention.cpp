@@ -10,8 +10,10 @@
 // per item, widened to fp32 once, and used by every row (GQA). Keys go in chunks of kChunk
 // positions (any block size: a chunk may span blocks); an online softmax rescales the
 // fp32 accumulators once per chunk. Items are split over the threads with
-// at::parallel_for. Dot products are plain loops vectorised by -O3 -march=native
-// (omp simd reductions).
+// at::parallel_for. The inner loops use GCC vector types (-march=native picks the ISA):
+// rows padded to whole 16-float vectors, a template per vector count so the dot products
+// and the P @ V accumulators unroll into registers, and a polynomial exp over a chunk's
+// scores (scalar expf cost more than the dot products).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -25,6 +27,10 @@
 #include <limits>
 #include <vector>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 namespace {
 
 constexpr int kChunk = 32;       // key positions per online-softmax step
@@ -37,13 +43,69 @@ struct Tile {
   int64_t first_pos;  // absolute position of its first token
 };
 
-inline void widen(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef float vf_u __attribute__((vector_size(64), aligned(4), may_alias));
+constexpr int L = 16;  // fp32 lanes per vector
 
-inline void widen(const at::BFloat16* src, float* dst, int64_t n) {
+inline vf ld(const float* p) { return *reinterpret_cast<const vf_u*>(p); }
+inline void st(float* p, vf v) { *reinterpret_cast<vf_u*>(p) = v; }
+inline vf splat(float a) { return vf{} + a; }
+
+inline float hsum(vf v) {
+#ifdef __AVX512F__
+  return _mm512_reduce_add_ps(reinterpret_cast<__m512>(v));
+#else
+  float s = 0.f;
+  for (int i = 0; i < L; ++i) s += v[i];
+  return s;
+#endif
+}
+
+inline float hmax(vf v) {
+#ifdef __AVX512F__
+  return _mm512_reduce_max_ps(reinterpret_cast<__m512>(v));
+#else
+  float s = v[0];
+  for (int i = 1; i < L; ++i) s = std::max(s, v[i]);
+  return s;
+#endif
+}
+
+// e^x for x <= 0 (Cephes expf polynomial, relative error ~2e-7); -inf and x < -87 give 0
+inline vf vexp(vf x) {
+  const vf floor_x = splat(-87.3f);
+  const vi tiny = x < floor_x;
+  x = tiny ? floor_x : x;
+  const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vf n = (x * 1.44269504f + magic) - magic;
+  const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  p = p * reinterpret_cast<const vf&>(bits);
+  return tiny ? splat(0.f) : p;
+}
+
+// One K/V row widened into NV fp32 vectors, zeros past D.
+template <int NV>
+inline void widen(const float* src, float* dst, int64_t D) {
+  std::memcpy(dst, src, D * sizeof(float));
+  std::fill(dst + D, dst + NV * L, 0.f);
+}
+
+template <int NV>
+inline void widen(const at::BFloat16* src, float* dst, int64_t D) {
   const uint16_t* s = reinterpret_cast<const uint16_t*>(src);
   uint32_t* d = reinterpret_cast<uint32_t*>(dst);
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
+  for (int64_t i = 0; i < D; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
+  std::fill(dst + D, dst + NV * L, 0.f);
 }
 
 inline void narrow(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
@@ -52,22 +114,20 @@ inline void narrow(const float* src, at::BFloat16* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<at::BFloat16>(src[i]);  // round to nearest even
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+template <int NV>
+inline float dot(const float* a, const float* b) {
+  vf s = ld(a) * ld(b);
+  for (int v = 1; v < NV; ++v) s += ld(a + v * L) * ld(b + v * L);
+  return hsum(s);
 }
 
-inline void axpy(float* acc, float p, const float* v, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) acc[i] += p * v[i];
-}
+static_assert(kChunk == 2 * L, "a chunk's scores are two vectors");
 
-template <typename T>
+template <typename T, int NV>
 void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
             const at::Tensor& block_tables, const std::vector<Tile>& tiles, const std::vector<int64_t>& ctx_lens,
             double scale, int64_t window, double softcap) {
+  constexpr int64_t Dp = NV * L;  // head_dim padded to whole vectors
   const int64_t H = q.size(1), D = q.size(2), H_kv = k_cache.size(2), G = H / H_kv;
   const int64_t bs = k_cache.size(1);
   const int64_t q_st = q.stride(0), q_sh = q.stride(1), o_st = out.stride(0), o_sh = out.stride(1);
@@ -83,11 +143,13 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, con
   const float inv_cap = cap > 0 ? 1.f / cap : 0.f, neg_inf = -std::numeric_limits<float>::infinity();
   const int64_t n_items = static_cast<int64_t>(tiles.size()) * H_kv;
   const int64_t max_rows = kTileTokens * G;
+  vi iota;
+  for (int i = 0; i < L; ++i) iota[i] = i;
 
   at::parallel_for(0, n_items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(max_rows * D), acc(max_rows * D), kf(kChunk * D), vf(kChunk * D);
+    std::vector<float> qf(max_rows * Dp), acc(max_rows * Dp), kf(kChunk * Dp), vf_(kChunk * Dp);
     std::vector<float> s(max_rows * kChunk), m(max_rows), l(max_rows);
-    std::vector<const T*> krow(kChunk), vrow(kChunk);
+    std::vector<const T*> vrow(kChunk);
     for (int64_t item = begin; item < end; ++item) {
       const Tile& tile = tiles[item / H_kv];
       const int64_t h_kv = item % H_kv, rows = tile.n_tok * G;
@@ -95,9 +157,9 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, con
       const int64_t* table = btp + tile.seq * bt_st;
       for (int64_t r = 0; r < rows; ++r) {  // row r = token r / G, head h_kv * G + r % G
         const T* src = qp + (tile.q_row + r / G) * q_st + (h_kv * G + r % G) * q_sh;
-        widen(src, &qf[r * D], D);
-        for (int64_t d = 0; d < D; ++d) qf[r * D + d] *= fscale;
-        std::fill(&acc[r * D], &acc[r * D] + D, 0.f);
+        widen<NV>(src, &qf[r * Dp], D);
+        for (int64_t d = 0; d < D; ++d) qf[r * Dp + d] *= fscale;
+        std::fill(&acc[r * Dp], &acc[r * Dp] + Dp, 0.f);
         m[r] = neg_inf;
         l[r] = 0.f;
       }
@@ -109,57 +171,80 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, con
         const int64_t n = std::min<int64_t>(kChunk, hi - c0);
         for (int64_t j = 0; j < n; ++j) {
           const int64_t pos = c0 + j, block = table[pos / bs], off = pos % bs;
-          krow[j] = kp + block * kb + off * kt + h_kv * kh;
+          widen<NV>(kp + block * kb + off * kt + h_kv * kh, &kf[j * Dp], D);
           vrow[j] = vp + block * vb + off * vt + h_kv * vh;
-          widen(krow[j], &kf[j * D], D);
         }
         // scores, masks and the online-softmax step, row by row
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t p = tile.first_pos + r / G;
           float* sr = &s[r * kChunk];
-          float m_chunk = neg_inf;
-          for (int64_t j = 0; j < n; ++j) {
-            const int64_t pos = c0 + j;
-            float x = dot(&qf[r * D], &kf[j * D], D);
-            if (cap > 0) x = cap * std::tanh(x * inv_cap);
-            if (pos > p || (window > 0 && pos <= p - window)) x = neg_inf;
-            sr[j] = x;
-            m_chunk = std::max(m_chunk, x);
+          for (int64_t j = 0; j < n; ++j) sr[j] = dot<NV>(&qf[r * Dp], &kf[j * Dp]);
+          for (int64_t j = n; j < kChunk; ++j) sr[j] = neg_inf;
+          if (cap > 0)
+            for (int64_t j = 0; j < n; ++j) sr[j] = cap * std::tanh(sr[j] * inv_cap);
+          vf s0 = ld(sr), s1 = ld(sr + L);
+          if (c0 + n - 1 > p || (window > 0 && c0 <= p - window)) {  // the chunk crosses a mask edge
+            const vi pos0 = iota + static_cast<int32_t>(c0), pos1 = pos0 + L;
+            const int32_t p32 = static_cast<int32_t>(p);
+            const int32_t first = window > 0 ? static_cast<int32_t>(p - window + 1) : INT32_MIN;
+            const vf ninf = splat(neg_inf);
+            s0 = (pos0 > p32) | (pos0 < first) ? ninf : s0;
+            s1 = (pos1 > p32) | (pos1 < first) ? ninf : s1;
           }
+          const float m_chunk = hmax(s0 > s1 ? s0 : s1);
           if (m_chunk == neg_inf) {  // nothing visible in this chunk for this row
-            for (int64_t j = 0; j < n; ++j) sr[j] = 0.f;
+            st(sr, splat(0.f));
+            st(sr + L, splat(0.f));
             continue;
           }
           const float m_new = std::max(m[r], m_chunk);
           const float alpha = std::exp(m[r] - m_new);  // 0 on the first visible chunk
-          float sum = 0.f;
-          for (int64_t j = 0; j < n; ++j) {
-            sr[j] = std::exp(sr[j] - m_new);
-            sum += sr[j];
-          }
-          l[r] = l[r] * alpha + sum;
+          const vf p0 = vexp(s0 - m_new), p1 = vexp(s1 - m_new);
+          st(sr, p0);
+          st(sr + L, p1);
+          l[r] = l[r] * alpha + hsum(p0 + p1);
           m[r] = m_new;
           if (alpha != 1.f) {
-            float* a = &acc[r * D];
-            for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
+            float* a = &acc[r * Dp];
+            for (int v = 0; v < NV; ++v) st(a + v * L, ld(a + v * L) * alpha);
           }
         }
-        for (int64_t j = 0; j < n; ++j) widen(vrow[j], &vf[j * D], D);
+        for (int64_t j = 0; j < n; ++j) widen<NV>(vrow[j], &vf_[j * Dp], D);
         for (int64_t r = 0; r < rows; ++r) {
           const float* sr = &s[r * kChunk];
-          float* a = &acc[r * D];
-          for (int64_t j = 0; j < n; ++j)
-            if (sr[j] != 0.f) axpy(a, sr[j], &vf[j * D], D);
+          float* a = &acc[r * Dp];
+          vf reg[NV];
+          for (int v = 0; v < NV; ++v) reg[v] = ld(a + v * L);
+          for (int64_t j = 0; j < n; ++j) {
+            const float pj = sr[j];
+            const float* vj = &vf_[j * Dp];
+            for (int v = 0; v < NV; ++v) reg[v] += pj * ld(vj + v * L);
+          }
+          for (int v = 0; v < NV; ++v) st(a + v * L, reg[v]);
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
         const float inv = l[r] > 0 ? 1.f / l[r] : 0.f;  // no visible key (context 0): zeros
-        float* a = &acc[r * D];
+        float* a = &acc[r * Dp];
         for (int64_t d = 0; d < D; ++d) a[d] *= inv;
         narrow(a, op + (tile.q_row + r / G) * o_st + (h_kv * G + r % G) * o_sh, D);
       }
     }
   });
+}
+
+template <typename T>
+void attend_dispatch(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                     const at::Tensor& block_tables, const std::vector<Tile>& tiles,
+                     const std::vector<int64_t>& ctx_lens, double scale, int64_t window, double softcap) {
+  const int64_t nv = (q.size(2) + L - 1) / L;  // vectors per row, rounded up to an instantiated count
+  if (nv <= 1) attend<T, 1>(out, q, k_cache, v_cache, block_tables, tiles, ctx_lens, scale, window, softcap);
+  else if (nv <= 2) attend<T, 2>(out, q, k_cache, v_cache, block_tables, tiles, ctx_lens, scale, window, softcap);
+  else if (nv <= 3) attend<T, 3>(out, q, k_cache, v_cache, block_tables, tiles, ctx_lens, scale, window, softcap);
+  else if (nv <= 4) attend<T, 4>(out, q, k_cache, v_cache, block_tables, tiles, ctx_lens, scale, window, softcap);
+  else if (nv <= 8) attend<T, 8>(out, q, k_cache, v_cache, block_tables, tiles, ctx_lens, scale, window, softcap);
+  else if (nv <= 16) attend<T, 16>(out, q, k_cache, v_cache, block_tables, tiles, ctx_lens, scale, window, softcap);
+  else TORCH_CHECK(false, "head_dim up to 256");
 }
 
 void check(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& block_tables) {
@@ -181,9 +266,9 @@ at::Tensor run(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor&
   at::Tensor out = at::empty(q.sizes(), q.options());
   if (tiles.empty()) return out;
   if (q.scalar_type() == at::kFloat)
-    attend<float>(out, q, k_cache, v_cache, block_tables, tiles, ctx_lens, scale, window, softcap);
+    attend_dispatch<float>(out, q, k_cache, v_cache, block_tables, tiles, ctx_lens, scale, window, softcap);
   else
-    attend<at::BFloat16>(out, q, k_cache, v_cache, block_tables, tiles, ctx_lens, scale, window, softcap);
+    attend_dispatch<at::BFloat16>(out, q, k_cache, v_cache, block_tables, tiles, ctx_lens, scale, window, softcap);
   return out;
 }
 
