@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from . import cpu_attention as _cpu
+from . import cpu_paged_attention as _cpu_op
 from . import sgmv_cpu
 from .lora_meta import LoRABlocks, LoRAMeta, LoRAMetaBuffers, LoRARows, build_lora_meta, triton_lora_meta
 from .paged_attention import (
@@ -85,13 +86,14 @@ def triton_kernels(device: torch.device, launch: GpuLaunch = DEFAULT_LAUNCH) -> 
 
 
 def torch_kernels(device: torch.device) -> Kernels:
-    """On CPU, the C++ LoRA op is built (or loaded) here, once: without a compiler the
-    backend takes add_lora_grouped."""
+    """On CPU, the C++ LoRA and paged-attention ops are built (or loaded) here, once:
+    without a compiler the backend takes add_lora_grouped and the gather attention path."""
     use_op = device.type == "cpu" and sgmv_cpu.extension() is not None
+    attn = _cpu_op if device.type == "cpu" and _cpu_op.extension() is not None else _cpu
     return Kernels(
         name="torch", lora_meta=build_lora_meta, add_lora=add_lora_cpu if use_op else add_lora_grouped,
-        store_kv=_cpu.store_kv, paged_attention_decode=_cpu.paged_attention_decode,
-        paged_attention_prefill=_cpu.paged_attention_prefill, allocate_kv_cache=_cpu.allocate_cache,
+        store_kv=_cpu.store_kv, paged_attention_decode=attn.paged_attention_decode,
+        paged_attention_prefill=attn.paged_attention_prefill, allocate_kv_cache=_cpu.allocate_cache,
     )
 
 
