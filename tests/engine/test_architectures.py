@@ -12,7 +12,7 @@ from lorakit import PeftOracle, run_and_record, save_peft_adapter, save_tiny_mod
 from loraserve import LLM, SamplingParams
 
 ATOL = 1e-3
-ARCHS = ["qwen3", "gemma2", "gemma3_text", "mistral"]
+ARCHS = ["qwen3", "gemma2", "gemma3_text", "mistral", "phi3"]
 PROMPTS = [
     "Once upon a time there was a king who had three daughters, and the youngest",
     "The quick brown fox jumps over the lazy dog because",
@@ -24,7 +24,11 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 
 def targets_of(model_type: str) -> list[str]:
-    return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    """What fine-tuning targets by default (adapters/finetune.py), in the model's own names."""
+    from loraserve.adapters.base_spec import LORA_MODULES
+    from loraserve.adapters.fused_layouts import model_targets
+
+    return model_targets(model_type, LORA_MODULES)
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -73,3 +77,34 @@ def test_chunked_prefill_and_prefix_cache_match_peft(arch):
     assert any(o.num_cached_tokens > 0 for o in outs), "the second pass should hit the prefix cache"
     check(oracle, outs, logits, PLAN)
     assert llm.engine.stats().kv_blocks_used == 0
+
+
+def test_default_finetune_targets_exist(arch):
+    """PEFT finds every default fine-tuning target in the model (Phi-3: the fused names)."""
+    from transformers import AutoModelForCausalLM
+
+    model_type, base_dir, _, _ = arch
+    names = {n.rsplit(".", 1)[-1] for n, _ in AutoModelForCausalLM.from_pretrained(base_dir).named_modules()}
+    targets = targets_of(model_type)
+    assert set(targets) <= names, (model_type, targets)
+    if model_type == "phi3":
+        assert targets == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+def test_adapter_of_another_architecture_is_refused(arch, tmp_path):
+    """A Phi-3 adapter (fused names) on a per-projection base, and the reverse, are refused
+    before they are stored; so is one whose head_dim-dependent shapes do not fit."""
+    from loraserve.adapters import AdapterRejected, BaseModelSpec
+    from loraserve.adapters.peft_format import load_peft_dir
+    from transformers import AutoConfig
+
+    model_type, base_dir, adapters, _ = arch
+    spec = BaseModelSpec.from_hf_config(AutoConfig.from_pretrained(base_dir), max_lora_rank=16)
+    load_peft_dir(adapters["r8"], spec)
+    other = "llama" if model_type == "phi3" else "phi3"
+    wrong = BaseModelSpec(**{**spec.__dict__, "model_type": other})
+    with pytest.raises(AdapterRejected, match="does not fit"):
+        load_peft_dir(adapters["r8"], wrong)
+    shifted = BaseModelSpec(**{**spec.__dict__, "head_dim": spec.head_dim * 2})
+    with pytest.raises(AdapterRejected, match="shape"):
+        load_peft_dir(adapters["r8"], shifted)
