@@ -108,3 +108,13 @@ def test_adapter_of_another_architecture_is_refused(arch, tmp_path):
     shifted = BaseModelSpec(**{**spec.__dict__, "head_dim": spec.head_dim * 2})
     with pytest.raises(AdapterRejected, match="shape"):
         load_peft_dir(adapters["r8"], shifted)
+
+
+@pytest.mark.parametrize("arch", ["gemma2"], indirect=True)
+def test_triton_kernels_window_and_softcap_match_peft(arch):
+    """The Triton path (the interpreter on CPU) through windowed, soft-capped layers."""
+    model_type, base_dir, adapters, oracle = arch
+    llm = make_llm(base_dir, adapters, kernel_backend="triton", max_num_batched_tokens=9, block_size=4)
+    plan = ["r8", None]
+    outs, logits = run_and_record(llm, PROMPTS[:2], plan, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    check(oracle, outs, logits, plan)
