@@ -64,7 +64,9 @@ class DecoderLayer(nn.Module):
             window=arch.windows[index], softcap=arch.attn_softcap)
         self.attn = Attention(shape, kernels)
         self.mlp = GatedMLP(h, config.intermediate_size, arch.act, kernels)
-        norm = lambda: RMSNorm(h, eps, arch.unit_offset_norm)  # noqa: E731
+        def norm() -> RMSNorm:
+            return RMSNorm(h, eps, arch.unit_offset_norm)
+
         self.input_norm, self.pre_mlp_norm = norm(), norm()
         self.post_attn_norm = norm() if arch.sandwich_norms else None
         self.post_mlp_norm = norm() if arch.sandwich_norms else None

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
+from loraserve.adapters import SlotPool
 from loraserve.config import EngineConfig
 from loraserve.hooks import EngineHooks
 from loraserve.kernels import select_kernels
-from loraserve.adapters import SlotPool
 from loraserve.sequence import Sequence
 
 from .cuda_graphs import DecodeGraphs, DecodeInputs

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from lorakit import PeftOracle, run_and_record, save_peft_adapter, save_tiny_model
+
 from loraserve import LLM, SamplingParams
 
 ATOL = 1e-3
@@ -62,7 +62,7 @@ def check(oracle, outs, logits, plan):
 
 
 def test_mixed_batch_matches_peft(arch):
-    model_type, base_dir, adapters, oracle = arch
+    _, base_dir, adapters, oracle = arch
     llm = make_llm(base_dir, adapters)
     outs, logits = run_and_record(llm, PROMPTS, PLAN, GREEDY)
     assert max(len(o.prompt_token_ids) for o in outs) > 8, "a prompt must outgrow the window"
@@ -70,7 +70,7 @@ def test_mixed_batch_matches_peft(arch):
 
 
 def test_chunked_prefill_and_prefix_cache_match_peft(arch):
-    model_type, base_dir, adapters, oracle = arch
+    _, base_dir, adapters, oracle = arch
     llm = make_llm(base_dir, adapters, max_num_batched_tokens=7, block_size=4)
     run_and_record(llm, PROMPTS, PLAN, GREEDY)
     outs, logits = run_and_record(llm, PROMPTS, PLAN, GREEDY)
@@ -113,7 +113,7 @@ def test_adapter_of_another_architecture_is_refused(arch, tmp_path):
 @pytest.mark.parametrize("arch", ["gemma2"], indirect=True)
 def test_triton_kernels_window_and_softcap_match_peft(arch):
     """The Triton path (the interpreter on CPU) through windowed, soft-capped layers."""
-    model_type, base_dir, adapters, oracle = arch
+    _, base_dir, adapters, oracle = arch
     llm = make_llm(base_dir, adapters, kernel_backend="triton", max_num_batched_tokens=9, block_size=4)
     plan = ["r8", None]
     outs, logits = run_and_record(llm, PROMPTS[:2], plan, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
