@@ -6,15 +6,20 @@ from dataclasses import dataclass
 
 # The LoRA-able projections of a Llama-family decoder layer, in forward order.
 LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+# Phi-3's checkpoints fuse q,k,v and gate,up; adapters trained on it name the fused
+# projections, which adapters/fused_layouts.py splits into LORA_MODULES at load time.
+FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+FUSED_MODEL_TYPES = ("phi3",)
+ADAPTER_MODULES = LORA_MODULES + tuple(FUSED_MODULES)   # every name an adapter file may carry
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
 
 
 @dataclass(frozen=True)
 class BaseModelSpec:
     """What an adapter must fit: the base model's projection shapes."""
 
-    model_type: str  # "llama", "qwen2", "mistral"
+    model_type: str  # "llama", "qwen2", "mistral", "qwen3", "gemma2", "gemma3_text", "phi3"
     hidden_size: int
     intermediate_size: int
     num_hidden_layers: int
@@ -43,10 +48,19 @@ class BaseModelSpec:
             "gate_proj": (self.hidden_size, self.intermediate_size),
             "up_proj": (self.hidden_size, self.intermediate_size),
             "down_proj": (self.intermediate_size, self.hidden_size),
+            "qkv_proj": (self.hidden_size, q_out + 2 * kv_out),
+            "gate_up_proj": (self.hidden_size, 2 * self.intermediate_size),
         }
         if module not in shapes:
-            raise KeyError(f"{module!r} is not a LoRA-able module; expected one of {LORA_MODULES}")
+            raise KeyError(f"{module!r} is not a LoRA-able module; expected one of {ADAPTER_MODULES}")
         return shapes[module]
+
+    @property
+    def adapter_modules(self) -> tuple[str, ...]:
+        """The module names a PEFT adapter of this architecture targets (its HF names)."""
+        if self.model_type in FUSED_MODEL_TYPES:
+            return ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+        return LORA_MODULES
 
     @property
     def shape_key(self) -> str:
@@ -56,9 +70,10 @@ class BaseModelSpec:
 
     @classmethod
     def from_hf_config(cls, config, max_lora_rank: int = 64, base_model_id: str = "") -> "BaseModelSpec":
-        """Build from a transformers PretrainedConfig (Llama, Mistral, Qwen2, SmolLM)."""
+        """Build from a transformers PretrainedConfig (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3)."""
         heads = config.num_attention_heads
-        # Qwen2 has no head_dim attribute and Mistral may carry head_dim=None.
+        # Qwen2 has no head_dim attribute and Mistral may carry head_dim=None; Qwen3 and
+        # Gemma set one independent of hidden_size / heads.
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return cls(
             model_type=config.model_type,

@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .base_spec import LORA_MODULES
+from .base_spec import ADAPTER_MODULES, LORA_MODULES
+from .fused_layouts import model_targets
 from .finetune_data import IGNORE, DataError, Encoded, TrainingData, encode
 
 # Inclusive ranges of the integer hyperparameters; the HTTP API reports the same ones.
@@ -120,9 +121,9 @@ class FinetuneConfig:
             raise ValueError(f"learning_rate must be in (0, {MAX_LEARNING_RATE}], got {lr!r}")
         if not 0 <= self.eval_fraction <= 0.5:
             raise ValueError(f"eval_fraction must be from 0 to 0.5, got {self.eval_fraction!r}")
-        unknown = [t for t in self.targets if t not in LORA_MODULES]
+        unknown = [t for t in self.targets if t not in ADAPTER_MODULES]
         if not self.targets or unknown:
-            raise ValueError(f"targets must be some of {', '.join(LORA_MODULES)}; got {list(self.targets)}")
+            raise ValueError(f"targets must be some of {', '.join(ADAPTER_MODULES)}; got {list(self.targets)}")
 
 
 @dataclass
@@ -183,8 +184,8 @@ def train_lora(base_dir: str, data: TrainingData, config: FinetuneConfig, out_di
     # dequantized weights; left in, it makes the Trainer refuse to train
     config_hf.__dict__.pop("quantization_config", None)
     model = AutoModelForCausalLM.from_pretrained(base_dir, config=config_hf, dtype=torch.float32)
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.targets),
-                      lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    targets = model_targets(config_hf.model_type, config.targets)   # Phi-3: its fused qkv_proj, gate_up_proj
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=targets, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     reporter = _make_reporter(on_progress)

@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from .base_spec import LORA_MODULES, BaseModelSpec
+from .base_spec import ADAPTER_MODULES, LORA_MODULES, BaseModelSpec
 from .errors import AdapterRejected
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def _check_target_names(targets) -> None:
     # PEFT matches list entries as dotted suffixes ("self_attn.q_proj"), so judge the last part.
     for target in targets:
         module = str(target).rsplit(".", 1)[-1]
-        if module not in LORA_MODULES:
+        if module not in ADAPTER_MODULES:
             raise AdapterRejected(f"target module {target!r} is not supported; loraserve applies LoRA "
                                   f"to {', '.join(LORA_MODULES)} only: retrain without {module!r}")
 

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load as load_safetensors
 
-from .base_spec import ATTENTION_MODULES, LORA_MODULES, BaseModelSpec
+from .base_spec import ADAPTER_MODULES, ATTENTION_MODULES, LORA_MODULES, BaseModelSpec
 from .durable import fsync_dir, write_durably
 from .errors import AdapterRejected
+from .fused_layouts import split_fused
 from .peft_config import LoraHyper, check_config, check_targets_cover, parse_config_json
 
 CONFIG_NAME = "adapter_config.json"
@@ -83,6 +84,7 @@ def load_peft_bytes(config_json: bytes, safetensors_bytes: bytes, spec: BaseMode
     hyper = check_config(config, spec)
     tensors = _read_safetensors(safetensors_bytes)
     lora_a, lora_b = _collect_weights(tensors, hyper, spec, check_values)
+    lora_a, lora_b = split_fused(lora_a, lora_b, spec)   # Phi-3's qkv_proj -> q/k/v_proj
     present = tuple(m for m in LORA_MODULES if any(module == m for _, module in lora_a))
     return LoRAAdapter(
         rank=hyper.rank, alpha=hyper.alpha, use_rslora=hyper.use_rslora, scaling=hyper.scaling,
@@ -158,14 +160,14 @@ def _check_lora_modules(tensors: dict[str, torch.Tensor]) -> None:
     """Name LoRA on an unsupported module (lm_head, embed_tokens) before any other odd key."""
     for key in sorted(tensors):
         other = _ANY_LORA.search(key)
-        if other is not None and other["module"] not in LORA_MODULES:
+        if other is not None and other["module"] not in ADAPTER_MODULES:
             raise AdapterRejected(f"LoRA on module {other['module']!r} (tensor {key}) is not supported; "
                                   f"loraserve applies LoRA to {', '.join(LORA_MODULES)} only: retrain without it")
 
 
 def _parse_key(key: str, spec: BaseModelSpec) -> tuple[int, str, str]:
     match = _KEY.match(key)
-    if match is None or match["module"] not in LORA_MODULES:
+    if match is None or match["module"] not in ADAPTER_MODULES:
         if ".base_layer." in key:  # PEFT's save_embedding_layers writes whole base matrices
             raise AdapterRejected(f"tensor {key} is a full copy of a base weight, which loraserve does not serve; "
                                   "re-save with save_embedding_layers=False and without modules_to_save")

@@ -47,8 +47,10 @@ def _gather(storage: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
-                           max_context_len: int, scale: float) -> torch.Tensor:
-    """q [B, H, D] -> [B, H, D]: one query per sequence, GQA, over its context_lens tokens."""
+                           max_context_len: int, scale: float, window: int | None = None,
+                           softcap: float | None = None) -> torch.Tensor:
+    """q [B, H, D] -> [B, H, D]: one query per sequence, GQA, over its context_lens tokens
+    (the last `window` of them with a window); scores soft-capped with a softcap."""
     B, H, D = q.shape
     k_store, v_store = head_major(k_cache), head_major(v_cache)
     kv_heads, block_size = k_store.shape[0], k_store.shape[2]
@@ -57,7 +59,12 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     v = _gather(v_store, tables)
     qg = q.view(B, kv_heads, H // kv_heads, D).transpose(0, 1)     # [H_kv, B, g, D]
     scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [H_kv, B, g, ctx]
-    beyond = torch.arange(k.shape[2], device=q.device)[None, :] >= context_lens[:, None]
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    positions = torch.arange(k.shape[2], device=q.device)[None, :]
+    beyond = positions >= context_lens[:, None]                    # [B, ctx]
+    if window is not None:
+        beyond |= positions <= context_lens[:, None] - 1 - window
     scores.masked_fill_(beyond[None, :, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     out = torch.matmul(probs, v)                                   # [H_kv, B, g, D]
@@ -66,9 +73,11 @@ def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_lens: list[int],
-                            context_lens: list[int], scale: float) -> torch.Tensor:
+                            context_lens: list[int], scale: float, window: int | None = None,
+                            softcap: float | None = None) -> torch.Tensor:
     """q [T, H, D] packed; each sequence attends causally to its first context_lens[i]
-    cached tokens, its new tokens being the last query_lens[i]."""
+    cached tokens, its new tokens being the last query_lens[i]; window and softcap as in
+    paged_attention.py."""
     k_store, v_store = head_major(k_cache), head_major(v_cache)
     block_size = k_store.shape[2]
     out = torch.empty_like(q)
@@ -78,7 +87,11 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         k = _gather(k_store, table)[:, 0, :ctx].unsqueeze(0)       # [1, H_kv, ctx, D]
         v = _gather(v_store, table)[:, 0, :ctx].unsqueeze(0)
         qi = q[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
-        out[start : start + q_len] = _causal_sdpa(qi, k, v, q_len, ctx, scale)[0].transpose(0, 1)
+        if window is None and softcap is None:
+            o = _causal_sdpa(qi, k, v, q_len, ctx, scale)
+        else:
+            o = _masked_attention(qi, k, v, q_len, ctx, scale, window, softcap)
+        out[start : start + q_len] = o[0].transpose(0, 1)
         start += q_len
     return out
 
@@ -90,3 +103,22 @@ def _causal_sdpa(q, k, v, q_len: int, ctx: int, scale: float) -> torch.Tensor:
     q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
     mask = torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+
+def _masked_attention(q, k, v, q_len: int, ctx: int, scale: float, window: int | None,
+                      softcap: float | None) -> torch.Tensor:
+    """Explicit scores, for a sliding window or soft-capping (SDPA cannot cap); a window
+    also trims the keys no new token can see. q [1, H, q, D]; k, v [1, H_kv, ctx, D]."""
+    lo = 0 if window is None else max(0, ctx - q_len - window + 1)
+    k, v = k[:, :, lo:], v[:, :, lo:]
+    group = q.shape[1] // k.shape[1]
+    scores = torch.matmul(q, k.repeat_interleave(group, dim=1).transpose(-1, -2)).float() * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    q_pos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
+    k_pos = torch.arange(lo, ctx, device=q.device)[None, :]
+    hidden = k_pos > q_pos
+    if window is not None:
+        hidden |= k_pos <= q_pos - window
+    probs = torch.softmax(scores.masked_fill_(hidden, float("-inf")), dim=-1).to(q.dtype)
+    return torch.matmul(probs, v.repeat_interleave(group, dim=1))

@@ -6,10 +6,13 @@ A flat slot is `block * block_size + offset`; slot -1 marks a token that is not 
 
 Semantics:
     store_kv:   k_cache.view(-1, H_kv, D)[slot[t]] = k[t]   (same for v), slot[t] >= 0
-    attention:  out[t] = softmax(q[t] K_i^T * scale + causal) V_i over the first
+    attention:  out[t] = softmax(cap(q[t] K_i^T * scale) + mask) V_i over the first
                 context_len[i] cached tokens of t's sequence i; the sequence's new tokens
                 are its last q_len[i] positions (decode: q_len = 1; chunked prefill and
                 prefix-cache hits: a cached prefix plus new tokens).
+                mask: a query at position p sees key k iff k <= p and, with a sliding
+                `window`, p - window < k (HF's `kv_idx > q_idx - sliding_window`).
+                cap(s) = softcap * tanh(s / softcap) with `softcap` (Gemma 2), else s.
 
 The torch implementations gather a sequence's blocks and call SDPA; they are the CPU
 path and the oracle for the Triton kernels beside them (`store_kv_triton`,
@@ -19,7 +22,6 @@ path and the oracle for the Triton kernels beside them (`store_kv_triton`,
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
@@ -43,27 +45,25 @@ def _gather(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torc
 
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
-                           max_context_len: int, scale: float) -> torch.Tensor:
+                           max_context_len: int, scale: float, window: int | None = None,
+                           softcap: float | None = None) -> torch.Tensor:
     """One new token per sequence. q [B, H, D]; block_tables [B, max_blocks] int64;
     context_lens [B] (including the new token, already stored). Returns [B, H, D]."""
-    B, H, D = q.shape
     block_size = k_cache.shape[1]
     num_blocks = -(-max_context_len // block_size)
     tables = block_tables[:, :num_blocks]
     k = k_cache[tables].flatten(1, 2)              # [B, ctx, H_kv, D]
     v = v_cache[tables].flatten(1, 2)
     positions = torch.arange(k.shape[1], device=q.device)
-    mask = (positions[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, ctx]
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2),
-        attn_mask=mask, scale=scale, enable_gqa=True,
-    )                                              # [B, H, 1, D]
-    return out.squeeze(2)
+    mask = _visible(positions, context_lens[:, None] - 1, context_lens[:, None], window)   # [B, ctx]
+    out = _attend(q.unsqueeze(2), k.transpose(1, 2), v.transpose(1, 2), mask[:, None, None, :], scale, softcap)
+    return out.squeeze(2)                          # [B, H, D]
 
 
 def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, query_lens: list[int],
-                            context_lens: list[int], scale: float) -> torch.Tensor:
+                            context_lens: list[int], scale: float, window: int | None = None,
+                            softcap: float | None = None) -> torch.Tensor:
     """Several sequences' new tokens, packed. q [T, H, D] with T = sum(query_lens);
     sequence i attends to its first context_lens[i] cached tokens, causally."""
     out = torch.empty_like(q)
@@ -72,21 +72,30 @@ def paged_attention_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         qi = q[start : start + q_len].transpose(0, 1).unsqueeze(0)           # [1, H, q, D]
         k = _gather(k_cache, block_tables[i], ctx).transpose(0, 1).unsqueeze(0)
         v = _gather(v_cache, block_tables[i], ctx).transpose(0, 1).unsqueeze(0)
-        mask = _causal_mask(q_len, ctx, q.device)
-        o = F.scaled_dot_product_attention(qi, k, v, attn_mask=mask, scale=scale,
-                                           is_causal=mask is None and q_len > 1, enable_gqa=True)
-        out[start : start + q_len] = o[0].transpose(0, 1)
+        q_pos = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]     # [q, 1]
+        mask = _visible(torch.arange(ctx, device=q.device), q_pos, ctx, window)
+        out[start : start + q_len] = _attend(qi, k, v, mask, scale, softcap)[0].transpose(0, 1)
         start += q_len
     return out
 
 
-def _causal_mask(q_len: int, ctx: int, device) -> torch.Tensor | None:
-    """New token i sits at position ctx - q_len + i and sees keys up to it. None when
-    there is no cached prefix (plain causal) or a single query (sees everything)."""
-    if q_len == ctx or q_len == 1:
-        return None
-    q_pos = torch.arange(ctx - q_len, ctx, device=device)
-    return torch.arange(ctx, device=device)[None, :] <= q_pos[:, None]
+def _visible(key_pos: torch.Tensor, q_pos: torch.Tensor, ctx, window: int | None) -> torch.Tensor:
+    """Which keys a query sees: k <= p, k < ctx, and p - window < k with a window."""
+    mask = (key_pos <= q_pos) & (key_pos < ctx)
+    return mask if window is None else mask & (key_pos > q_pos - window)
+
+
+def _attend(q, k, v, mask, scale: float, softcap: float | None) -> torch.Tensor:
+    """q [.., H, q, D], k, v [.., H_kv, ctx, D]; SDPA, or explicit fp32 math when the
+    scores are soft-capped (SDPA has no hook between the scale and the softmax)."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    group = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.matmul(probs, v.float()).to(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------
@@ -116,13 +125,14 @@ def _store_kv_kernel(
 
 def _paged_decode_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-    scale_log2, stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
+    scale, window, softcap, stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
-    """Semantics: out[b, h] = softmax(q[b, h] K_b^T * scale) V_b over the first
-    context_lens[b] cached tokens, K_b, V_b of kv head h // GROUP. Grid (sequence, kv head):
+    """Semantics: out[b, h] = softmax(cap(q[b, h] K_b^T * scale)) V_b over the first
+    context_lens[b] cached tokens (the last `window` of them with HAS_WINDOW), K_b, V_b
+    of kv head h // GROUP. Grid (sequence, kv head):
     a program holds the GROUP query heads that share its kv head (GQA) and streams the
     sequence's keys once, with an online softmax."""
     b = tl.program_id(0).to(tl.int64)
@@ -139,7 +149,10 @@ def _paged_decode_kernel(
     l_i = tl.zeros((GROUP_PAD,), dtype=tl.float32)
     acc = tl.zeros((GROUP_PAD, D_PAD), dtype=tl.float32)
     kv_col = kvh * HEAD_DIM + offs_d[None, :]
-    for n0 in range(0, ctx, BLOCK_N):
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(ctx - window, 0)                                 # the first key in the window
+    for n0 in range(lo, ctx, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         p_mask = pos < ctx
         block = tl.load(block_tables_ptr + b * stride_bt + pos // BLOCK_SIZE, mask=p_mask, other=0)
@@ -147,7 +160,10 @@ def _paged_decode_kernel(
         kv_ptrs = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_col
         kv_mask = p_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0)       # [BLOCK_N, D_PAD]
-        s = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision="ieee") * scale_log2
+        s = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision="ieee") * scale
+        if HAS_SOFTCAP:                                                   # softcap * tanh(s / softcap)
+            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+        s = s * 1.4426950408889634                                        # log2(e), for exp2
         s = tl.where(p_mask[None, :], s, float("-inf"))                   # [GROUP_PAD, BLOCK_N]
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
@@ -164,14 +180,15 @@ def _paged_decode_kernel(
 def _paged_prefill_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr,
     tile_seqs_ptr, tile_starts_ptr, q_starts_ptr, context_lens_ptr,
-    scale_log2, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+    scale, window, softcap, stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
     NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, TILE_TOKENS: tl.constexpr,
     BLOCK_R: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
 ):
-    """Semantics: out[t, h] = softmax(q[t, h] K^T * scale + causal) V over its sequence's
-    cached tokens 0..pos(t), pos(t) = context_len - q_len + (t's index among the new
-    tokens). Grid (query tile, kv head): a tile is TILE_TOKENS new tokens of one sequence
+    """Semantics: out[t, h] = softmax(cap(q[t, h] K^T * scale) + mask) V over its sequence's
+    cached tokens 0..pos(t) (pos(t) - window + 1..pos(t) with HAS_WINDOW), pos(t) =
+    context_len - q_len + (t's index among the new tokens). Grid (query tile, kv head): a tile is TILE_TOKENS new tokens of one sequence
     times the GROUP query heads of one kv head, BLOCK_R = TILE_TOKENS * GROUP rows (padded)."""
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -195,7 +212,10 @@ def _paged_prefill_kernel(
     acc = tl.zeros((BLOCK_R, D_PAD), dtype=tl.float32)
     kv_col = kvh * HEAD_DIM + offs_d[None, :]
     end = tl.minimum(ctx, ctx - q_len + first + TILE_TOKENS)            # keys the tile can see
-    for n0 in range(0, end, BLOCK_N):
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(ctx - q_len + first - window + 1, 0)            # the tile's first query's window
+    for n0 in range(lo, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         p_mask = pos < end
         block = tl.load(block_tables_ptr + seq * stride_bt + pos // BLOCK_SIZE, mask=p_mask, other=0)
@@ -203,11 +223,18 @@ def _paged_prefill_kernel(
         kv_ptrs = slot[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_col
         kv_mask = p_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0)
-        s = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision="ieee") * scale_log2   # [BLOCK_R, BLOCK_N]
-        s = tl.where(p_mask[None, :] & (pos[None, :] <= q_pos[:, None]), s, float("-inf"))
+        s = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE)), input_precision="ieee") * scale
+        if HAS_SOFTCAP:                                                   # softcap * tanh(s / softcap)
+            s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+        s = s * 1.4426950408889634                                        # log2(e), for exp2; [BLOCK_R, BLOCK_N]
+        seen = p_mask[None, :] & (pos[None, :] <= q_pos[:, None])
+        if HAS_WINDOW:
+            seen = seen & (pos[None, :] > q_pos[:, None] - window)
+        s = tl.where(seen, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)           # a row with no key seen yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_cache_ptr + kv_ptrs, mask=kv_mask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision="ieee")
@@ -265,7 +292,8 @@ def _check_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 def paged_attention_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                   block_tables: torch.Tensor, context_lens: torch.Tensor,
-                                  max_context_len: int, scale: float) -> torch.Tensor:
+                                  max_context_len: int, scale: float, window: int | None = None,
+                                  softcap: float | None = None) -> torch.Tensor:
     """One new token per sequence. q [B, H, D]; block_tables [B, max_blocks];
     context_lens [B] (including the new token, already stored). Returns [B, H, D].
     max_context_len is not needed: each program loops to its own context length."""
@@ -278,18 +306,20 @@ def paged_attention_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     H_kv, block_size = k_cache.shape[2], k_cache.shape[1]
     kernel(_paged_decode_kernel)[(B, H_kv)](
         out, q, k_cache, v_cache, block_tables, context_lens,
-        scale * math.log2(math.e), q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        scale, window or 0, softcap or 0.0, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0),
         NUM_KV_HEADS=H_kv, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=D, D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_SIZE=block_size,
         BLOCK_N=_block_n(q.dtype), DOT_DTYPE=dot_dtype(q.dtype),
+        HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
     )
     return out
 
 
 def paged_attention_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                    block_tables: torch.Tensor, query_lens: list[int],
-                                   context_lens: list[int], scale: float) -> torch.Tensor:
+                                   context_lens: list[int], scale: float, window: int | None = None,
+                                   softcap: float | None = None) -> torch.Tensor:
     """Several sequences' new tokens, packed. q [T, H, D] with T = sum(query_lens);
     sequence i attends to its first context_lens[i] cached tokens, causally."""
     group = _check_attention(q, k_cache, v_cache, block_tables)
@@ -306,11 +336,12 @@ def paged_attention_prefill_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cac
     tile_seqs, tile_starts, q_starts, ctx_lens = tiles
     kernel(_paged_prefill_kernel)[(num_tiles, H_kv)](
         out, q, k_cache, v_cache, block_tables, tile_seqs, tile_starts, q_starts, ctx_lens,
-        scale * math.log2(math.e), q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        scale, window or 0, softcap or 0.0, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         block_tables.stride(0),
         NUM_KV_HEADS=H_kv, GROUP=group, TILE_TOKENS=tile_tokens, BLOCK_R=block_r,
         HEAD_DIM=D, D_PAD=max(16, triton.next_power_of_2(D)), BLOCK_SIZE=block_size,
         BLOCK_N=_block_n(q.dtype), DOT_DTYPE=dot_dtype(q.dtype),
+        HAS_WINDOW=window is not None, HAS_SOFTCAP=softcap is not None,
     )
     return out
 

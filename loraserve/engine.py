@@ -61,11 +61,7 @@ class LLMEngine:
         self.hf_config = load_config(source.local_dir)
         check_supported(self.hf_config)
         self.tokenizer = load_tokenizer(source.local_dir)
-        context = getattr(self.hf_config, "max_position_embeddings", 4096)
-        window = getattr(self.hf_config, "sliding_window", None)
-        if window and getattr(self.hf_config, "use_sliding_window", True):
-            # attention here is full-context: cap the context where the two agree
-            context = min(context, window)
+        context = getattr(self.hf_config, "max_position_embeddings", 4096)   # windowed layers window attention
         wanted = config.max_model_len or min(context, 4096)
         if wanted > context:
             raise ValueError(f"max_model_len {wanted} exceeds the model's context of {context} tokens")

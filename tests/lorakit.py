@@ -51,16 +51,45 @@ def tiny_config(model_type: str, vocab_size: int):
     return LlamaConfig(**common, rope_theta=10000.0, head_dim=16)
 
 
+def tiny_arch_config(model_type: str, vocab_size: int):
+    """Tiny configs of the other families, each exercising what sets it apart: Qwen3's own
+    head_dim, Gemma's soft-caps (small, so they bite on random weights) and 8-token
+    windows, Gemma 3's two rope bases, Mistral's window on every layer, Phi-3's fused
+    projections."""
+    import transformers as tf
+
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512, rms_norm_eps=1e-5)
+    if model_type == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
+    if model_type == "gemma2":
+        return tf.Gemma2Config(**common, head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
+                               attn_logit_softcapping=3.0, final_logit_softcapping=8.0)
+    if model_type == "gemma3_text":
+        rope = {"full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}
+        return tf.Gemma3TextConfig(**common, head_dim=32, sliding_window=8, query_pre_attn_scalar=32,
+                                   layer_types=["sliding_attention", "full_attention"], rope_parameters=rope)
+    if model_type == "mistral":
+        return tf.MistralConfig(**common, head_dim=16, sliding_window=8, tie_word_embeddings=False)
+    if model_type == "phi3":
+        return tf.Phi3Config(**common, pad_token_id=0, tie_word_embeddings=False)
+    raise KeyError(model_type)
+
+
 def save_tiny_model(model_type: str, out_dir: str, tokenizer_dir: str, seed: int = 0) -> str:
     """A random 2-layer model saved like any HF checkpoint, with SmolLM2's tokenizer."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, 49152), dtype=torch.float32)
+    config = tiny_config(model_type, 49152) if model_type in ("llama", "qwen2") else tiny_arch_config(model_type, 49152)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():                 # random biases so qwen2's q/k/v bias path matters
         for name, p in model.named_parameters():
             if name.endswith(".bias"):
                 p.normal_(0, 0.1)
+            elif "norm" in name and model_type not in ("llama", "qwen2"):   # non-trivial norms (Gemma's are 0)
+                p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(out_dir, safe_serialization=True)
     for f in glob.glob(os.path.join(tokenizer_dir, "*token*")) + glob.glob(os.path.join(tokenizer_dir, "*.jinja")):
         shutil.copy(f, out_dir)

@@ -104,7 +104,7 @@ class DecodeGraphs:
         self.block_tables[:bs, :width].copy_(tables, non_blocking=True)
 
     def _batch(self, bs: int, lora: LoRABlocks):
-        from .llama import ForwardBatch
+        from .layers import ForwardBatch
 
         device = self.input_ids.device
         return ForwardBatch(

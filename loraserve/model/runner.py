@@ -9,15 +9,16 @@ from dataclasses import dataclass
 
 import torch
 
+from loraserve.adapters import SlotPool
 from loraserve.config import EngineConfig
 from loraserve.hooks import EngineHooks
 from loraserve.kernels import select_kernels
-from loraserve.adapters import SlotPool
 from loraserve.sequence import Sequence
 
 from .cuda_graphs import DecodeGraphs, DecodeInputs
-from .llama import SUPPORTED_MODEL_TYPES, ForwardBatch, LlamaForCausalLM
+from .layers import ForwardBatch
 from .loader import load_state_dict
+from .registry import model_class
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def check_supported(hf_config) -> None:
-    if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model type {hf_config.model_type!r} is not supported; "
-                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    model_class(hf_config)
 
 
 class ModelRunner:
@@ -58,7 +57,7 @@ class ModelRunner:
         self.block_size = config.block_size
         self.kernels = select_kernels(self.device, config.kernel_backend)   # on CPU: builds the LoRA op once
         with torch.device("meta"):
-            model = LlamaForCausalLM(hf_config, max_model_len, self.kernels)
+            model = model_class(hf_config)(hf_config, max_model_len, self.kernels)
         model = model.to_empty(device=self.device).to(self.dtype)
         model.load_hf_weights(load_state_dict(model_dir))
         model.init_rotary(self.dtype)

@@ -48,3 +48,18 @@ def qkv_views(T: int, case: dict, device: str, seed: int = 1):
     qkv = torch.randn(T, (H + 2 * H_kv) * D, generator=gen).to(device=device, dtype=case["dtype"])
     q, k, v = qkv.split([H * D, H_kv * D, H_kv * D], dim=-1)
     return q.view(T, H, D), k.view(T, H_kv, D), v.view(T, H_kv, D)
+
+# Sliding window and soft-capping (Gemma 2, Mistral): each variant on four cases of the
+# square (every block size, every GQA ratio once), windows shorter and longer than a
+# tile of keys, a window of 1 (a token sees only itself), and a window past the context.
+VARIANTS = [dict(window=8), dict(softcap=5.0), dict(window=20, softcap=30.0), dict(window=1), dict(window=500)]
+VARIANT_CASES = [dict(c, **v) for v in VARIANTS for c in CASES[::5]]
+
+
+def variant_id(c: dict) -> str:
+    extra = "".join(f"-{k}{c[k]}" for k in ("window", "softcap") if k in c)
+    return case_id(c) + extra
+
+
+def attention_kwargs(case: dict) -> dict:
+    return {k: case[k] for k in ("window", "softcap") if k in case}

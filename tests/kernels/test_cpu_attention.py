@@ -5,7 +5,9 @@ lengths, and prefill of new tokens after a cached prefix, every dtype and GQA ra
 
 import pytest
 import torch
-from attention_grid import CASES, DECODE_CONTEXTS, PREFILL, TOL, case_id, make_cache, qkv_views
+from attention_grid import (
+    CASES, DECODE_CONTEXTS, PREFILL, TOL, VARIANT_CASES, attention_kwargs, case_id, make_cache, qkv_views, variant_id,
+)
 
 from loraserve.kernels import cpu_attention
 from loraserve.kernels.paged_attention import paged_attention_decode, paged_attention_prefill, store_kv
@@ -34,25 +36,25 @@ def test_store_kv(case):
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", CASES + VARIANT_CASES, ids=variant_id)
 def test_decode(case):
     k_ref, v_ref, tables = make_cache(case, DECODE_CONTEXTS, "cpu")
     q, _, _ = qkv_views(len(DECODE_CONTEXTS), case, "cpu")
-    lens, scale = torch.tensor(DECODE_CONTEXTS), case["head_dim"] ** -0.5
+    lens, scale, kw = torch.tensor(DECODE_CONTEXTS), case["head_dim"] ** -0.5, attention_kwargs(case)
     out = cpu_attention.paged_attention_decode(q, head_major_copy(k_ref), head_major_copy(v_ref), tables, lens,
-                                               max(DECODE_CONTEXTS), scale)
-    expected = paged_attention_decode(f32(q), f32(k_ref), f32(v_ref), tables, lens, max(DECODE_CONTEXTS), scale)
+                                               max(DECODE_CONTEXTS), scale, **kw)
+    expected = paged_attention_decode(f32(q), f32(k_ref), f32(v_ref), tables, lens, max(DECODE_CONTEXTS), scale, **kw)
     assert out.dtype == q.dtype and out.shape == q.shape
     torch.testing.assert_close(f32(out), expected, atol=TOL[case["dtype"]][0], rtol=TOL[case["dtype"]][1])
 
 
-@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("case", CASES + VARIANT_CASES, ids=variant_id)
 def test_prefill_with_cached_prefix(case):
     query_lens, context_lens = [q for q, _ in PREFILL], [c for _, c in PREFILL]
     k_ref, v_ref, tables = make_cache(case, context_lens, "cpu")
     q, _, _ = qkv_views(sum(query_lens), case, "cpu")
-    scale = case["head_dim"] ** -0.5
+    scale, kw = case["head_dim"] ** -0.5, attention_kwargs(case)
     out = cpu_attention.paged_attention_prefill(q, head_major_copy(k_ref), head_major_copy(v_ref), tables,
-                                                query_lens, context_lens, scale)
-    expected = paged_attention_prefill(f32(q), f32(k_ref), f32(v_ref), tables, query_lens, context_lens, scale)
+                                                query_lens, context_lens, scale, **kw)
+    expected = paged_attention_prefill(f32(q), f32(k_ref), f32(v_ref), tables, query_lens, context_lens, scale, **kw)
     torch.testing.assert_close(f32(out), expected, atol=TOL[case["dtype"]][0], rtol=TOL[case["dtype"]][1])

@@ -14,7 +14,8 @@ import torch
 pytest.importorskip("triton")
 
 from attention_grid import (  # noqa: E402
-    BLOCK_SIZES, CASES, DECODE_CONTEXTS, DTYPES, HEAD_DIMS, HEADS, PREFILL, TOL, case_id, make_cache, qkv_views,
+    BLOCK_SIZES, CASES, DECODE_CONTEXTS, DTYPES, HEAD_DIMS, HEADS, PREFILL, TOL, VARIANT_CASES, attention_kwargs,
+    case_id, make_cache, qkv_views, variant_id,
 )
 
 from loraserve.kernels.paged_attention import (  # noqa: E402
@@ -26,10 +27,11 @@ def check_decode(case: dict, context_lens: list[int], device: str) -> None:
     k_cache, v_cache, tables = make_cache(case, context_lens, device)
     q, _, _ = qkv_views(len(context_lens), case, device)
     lens = torch.tensor(context_lens, device=device)
-    scale = case["head_dim"] ** -0.5
-    out = paged_attention_decode_triton(q, k_cache, v_cache, tables, lens, max(context_lens), scale)
+    scale, kw = case["head_dim"] ** -0.5, attention_kwargs(case)
+    out = paged_attention_decode_triton(q, k_cache, v_cache, tables, lens, max(context_lens), scale, **kw)
     f = lambda t: t.float().cpu()  # noqa: E731
-    expected = paged_attention_decode(f(q), f(k_cache), f(v_cache), tables.cpu(), lens.cpu(), max(context_lens), scale)
+    expected = paged_attention_decode(f(q), f(k_cache), f(v_cache), tables.cpu(), lens.cpu(), max(context_lens),
+                                      scale, **kw)
     atol, rtol = TOL[case["dtype"]]
     assert out.dtype == q.dtype and out.shape == q.shape
     torch.testing.assert_close(f(out), expected, atol=atol, rtol=rtol)
@@ -39,10 +41,11 @@ def check_prefill(case: dict, seqs: list[tuple[int, int]], device: str) -> None:
     query_lens, context_lens = [q for q, _ in seqs], [c for _, c in seqs]
     k_cache, v_cache, tables = make_cache(case, context_lens, device)
     q, _, _ = qkv_views(sum(query_lens), case, device)
-    scale = case["head_dim"] ** -0.5
-    out = paged_attention_prefill_triton(q, k_cache, v_cache, tables, query_lens, context_lens, scale)
+    scale, kw = case["head_dim"] ** -0.5, attention_kwargs(case)
+    out = paged_attention_prefill_triton(q, k_cache, v_cache, tables, query_lens, context_lens, scale, **kw)
     f = lambda t: t.float().cpu()  # noqa: E731
-    expected = paged_attention_prefill(f(q), f(k_cache), f(v_cache), tables.cpu(), query_lens, context_lens, scale)
+    expected = paged_attention_prefill(f(q), f(k_cache), f(v_cache), tables.cpu(), query_lens, context_lens,
+                                       scale, **kw)
     atol, rtol = TOL[case["dtype"]]
     torch.testing.assert_close(f(out), expected, atol=atol, rtol=rtol)
 
@@ -67,6 +70,27 @@ def test_decode(case, device):
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_prefill_with_cached_prefix(case, device):
     check_prefill(case, PREFILL, device)
+
+
+@pytest.mark.parametrize("case", VARIANT_CASES, ids=variant_id)
+def test_window_and_softcap(case, device):
+    check_decode(case, DECODE_CONTEXTS, device)
+    check_prefill(case, PREFILL, device)
+
+
+def test_reference_window_is_hf_sliding_window():
+    """The reference's window against a dense mask built like HF's sliding_window_overlay
+    (kv_idx > q_idx - sliding_window, and causal), with a 6-token window over 13 tokens."""
+    case = dict(dtype=torch.float32, block_size=4, heads=(4, 2), head_dim=16)
+    k_cache, v_cache, tables = make_cache(case, [13], "cpu")
+    q, _, _ = qkv_views(13, case, "cpu")
+    out = paged_attention_prefill(q, k_cache, v_cache, tables, [13], [13], 0.25, window=6)
+    idx = torch.arange(13)
+    mask = (idx[None, :] <= idx[:, None]) & (idx[None, :] > idx[:, None] - 6)
+    k = k_cache[tables[0, :4]].flatten(0, 1)[:13].transpose(0, 1).repeat_interleave(2, 0)
+    v = v_cache[tables[0, :4]].flatten(0, 1)[:13].transpose(0, 1).repeat_interleave(2, 0)
+    expected = torch.nn.functional.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, scale=0.25)
+    torch.testing.assert_close(out, expected.transpose(0, 1))
 
 
 def test_decode_padding_row_is_zero(device):

@@ -1,0 +1,120 @@
+"""Every supported family against HF transformers + PEFT on the same tiny random weights,
+at fp32: one mixed batch of base rows and two adapters, then chunked prefill with a
+prefix-cache hit. Prompts outgrow the 8-token windows of Gemma 2/3 and Mistral, so
+windowed layers must window (a full-context answer differs)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lorakit import PeftOracle, run_and_record, save_peft_adapter, save_tiny_model
+
+from loraserve import LLM, SamplingParams
+
+ATOL = 1e-3
+ARCHS = ["qwen3", "gemma2", "gemma3_text", "mistral", "phi3"]
+PROMPTS = [
+    "Once upon a time there was a king who had three daughters, and the youngest",
+    "The quick brown fox jumps over the lazy dog because",
+    "def fibonacci(n):",
+    "In a distant galaxy, a small robot",
+]
+PLAN = ["r8", None, "r16_rslora", "r8"]
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+def targets_of(model_type: str) -> list[str]:
+    """What fine-tuning targets by default (adapters/finetune.py), in the model's own names."""
+    from loraserve.adapters.base_spec import LORA_MODULES
+    from loraserve.adapters.fused_layouts import model_targets
+
+    return model_targets(model_type, LORA_MODULES)
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch(request, tmp_path_factory, tokenizer_dir):
+    from transformers import AutoModelForCausalLM
+
+    model_type = request.param
+    root = tmp_path_factory.mktemp(model_type)
+    base_dir = save_tiny_model(model_type, str(root / "base"), tokenizer_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    targets = targets_of(model_type)
+    adapters = {"r8": save_peft_adapter(base, str(root / "r8"), 8, 32, False, targets, seed=1),
+                "r16_rslora": save_peft_adapter(base, str(root / "r16"), 16, 16, True, targets, seed=2)}
+    return model_type, base_dir, adapters, PeftOracle(base_dir, adapters)
+
+
+def make_llm(base_dir, adapters, **overrides) -> LLM:
+    llm = LLM(model=base_dir, **(dict(dtype="float32", max_loras=2, max_lora_rank=16) | overrides))
+    for name, path in adapters.items():
+        llm.add_adapter(name, path)
+    return llm
+
+
+def check(oracle, outs, logits, plan):
+    for out, ours, adapter in zip(outs, logits, plan):
+        full = out.prompt_token_ids + out.token_ids
+        ref = oracle.logits(full, adapter)[len(out.prompt_token_ids) - 1 : -1]
+        err = (ours - ref).abs().max().item()
+        assert err < ATOL, f"adapter {adapter}: max logit error {err}"
+        assert out.token_ids == ref.argmax(-1).tolist(), f"adapter {adapter}: greedy tokens differ"
+
+
+def test_mixed_batch_matches_peft(arch):
+    _, base_dir, adapters, oracle = arch
+    llm = make_llm(base_dir, adapters)
+    outs, logits = run_and_record(llm, PROMPTS, PLAN, GREEDY)
+    assert max(len(o.prompt_token_ids) for o in outs) > 8, "a prompt must outgrow the window"
+    check(oracle, outs, logits, PLAN)
+
+
+def test_chunked_prefill_and_prefix_cache_match_peft(arch):
+    _, base_dir, adapters, oracle = arch
+    llm = make_llm(base_dir, adapters, max_num_batched_tokens=7, block_size=4)
+    run_and_record(llm, PROMPTS, PLAN, GREEDY)
+    outs, logits = run_and_record(llm, PROMPTS, PLAN, GREEDY)
+    assert any(o.num_cached_tokens > 0 for o in outs), "the second pass should hit the prefix cache"
+    check(oracle, outs, logits, PLAN)
+    assert llm.engine.stats().kv_blocks_used == 0
+
+
+def test_default_finetune_targets_exist(arch):
+    """PEFT finds every default fine-tuning target in the model (Phi-3: the fused names)."""
+    from transformers import AutoModelForCausalLM
+
+    model_type, base_dir, _, _ = arch
+    names = {n.rsplit(".", 1)[-1] for n, _ in AutoModelForCausalLM.from_pretrained(base_dir).named_modules()}
+    targets = targets_of(model_type)
+    assert set(targets) <= names, (model_type, targets)
+    if model_type == "phi3":
+        assert targets == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+
+
+def test_adapter_of_another_architecture_is_refused(arch, tmp_path):
+    """A Phi-3 adapter (fused names) on a per-projection base, and the reverse, are refused
+    before they are stored; so is one whose head_dim-dependent shapes do not fit."""
+    from loraserve.adapters import AdapterRejected, BaseModelSpec
+    from loraserve.adapters.peft_format import load_peft_dir
+    from transformers import AutoConfig
+
+    model_type, base_dir, adapters, _ = arch
+    spec = BaseModelSpec.from_hf_config(AutoConfig.from_pretrained(base_dir), max_lora_rank=16)
+    load_peft_dir(adapters["r8"], spec)
+    other = "llama" if model_type == "phi3" else "phi3"
+    wrong = BaseModelSpec(**{**spec.__dict__, "model_type": other})
+    with pytest.raises(AdapterRejected, match="does not fit"):
+        load_peft_dir(adapters["r8"], wrong)
+    shifted = BaseModelSpec(**{**spec.__dict__, "head_dim": spec.head_dim * 2})
+    with pytest.raises(AdapterRejected, match="shape"):
+        load_peft_dir(adapters["r8"], shifted)
+
+
+@pytest.mark.parametrize("arch", ["gemma2"], indirect=True)
+def test_triton_kernels_window_and_softcap_match_peft(arch):
+    """The Triton path (the interpreter on CPU) through windowed, soft-capped layers."""
+    _, base_dir, adapters, oracle = arch
+    llm = make_llm(base_dir, adapters, kernel_backend="triton", max_num_batched_tokens=9, block_size=4)
+    plan = ["r8", None]
+    outs, logits = run_and_record(llm, PROMPTS[:2], plan, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
+    check(oracle, outs, logits, plan)
