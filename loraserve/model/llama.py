@@ -18,6 +18,8 @@ from loraserve.kernels import Kernels, LoRABlocks, LoRAMeta
 
 from loraserve.adapters import LoRAGroup
 
+from . import adapter_extras
+
 
 @dataclass
 class ForwardBatch:
@@ -34,6 +36,7 @@ class ForwardBatch:
     decode_context_lens: torch.Tensor   # [D] int64
     decode_max_context_len: int
     lora: LoRAMeta | LoRABlocks         # in the form the model's Kernels reads (Kernels.lora_meta)
+    extras: adapter_extras.StepExtras | None = None  # DoRA / embed_tokens / lm_head parts; None = none in this step
 
 
 class RMSNorm(nn.Module):
@@ -75,25 +78,27 @@ class DecoderLayer(nn.Module):
         self.k_cache: torch.Tensor | None = None   # [num_blocks, block_size, H_kv, D]
         self.v_cache: torch.Tensor | None = None
 
-    def _proj(self, name: str, linear: nn.Linear, x: torch.Tensor, meta: LoRAMeta | LoRABlocks) -> torch.Tensor:
+    def _proj(self, name: str, linear: nn.Linear, x: torch.Tensor, meta: LoRAMeta | LoRABlocks,
+              extras: adapter_extras.StepExtras | None = None) -> torch.Tensor:
         y = linear(x)
         if meta.has_lora:
             g = self.lora[name]
             self.kernels.add_lora(y, x, g.A, g.Bs, g.out_slices, meta)
+            adapter_extras.apply_dora(y, linear, g, extras)
         return y
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
         h = self.input_norm(x)
-        qkv = self._proj("qkv", self.qkv, h, batch.lora)
+        qkv = self._proj("qkv", self.qkv, h, batch.lora, batch.extras)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = rotate(q.view(-1, self.num_heads, self.head_dim), cos, sin)
         k = rotate(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         attn = self._attention(q, k.contiguous(), v.contiguous(), batch)
-        x = x + self._proj("o", self.o, attn.flatten(1), batch.lora)
+        x = x + self._proj("o", self.o, attn.flatten(1), batch.lora, batch.extras)
         h = self.post_attention_norm(x)
-        gate, up = self._proj("gate_up", self.gate_up, h, batch.lora).chunk(2, dim=-1)
-        return x + self._proj("down", self.down, F.silu(gate) * up, batch.lora)
+        gate, up = self._proj("gate_up", self.gate_up, h, batch.lora, batch.extras).chunk(2, dim=-1)
+        return x + self._proj("down", self.down, F.silu(gate) * up, batch.lora, batch.extras)
 
     def _attention(self, q, k, v, batch: ForwardBatch) -> torch.Tensor:
         kernels = self.kernels
@@ -137,15 +142,15 @@ class LlamaForCausalLM(nn.Module):
         self.cos, self.sin = cos[0, :, None].to(device), sin[0, :, None].to(device)  # [max_pos, 1, D]
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        x = self.embed(input_ids)                                        # [T, hidden]
+        x = adapter_extras.embed_tokens(self.embed, input_ids, batch.extras)   # [T, hidden]
         cos, sin = self.cos[batch.positions], self.sin[batch.positions]
         for layer in self.layers:
             x = layer(x, cos, sin, batch)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, extras: adapter_extras.StepExtras | None = None) -> torch.Tensor:
         weight = self.embed.weight if self.tie else self.lm_head.weight
-        return F.linear(hidden, weight)
+        return adapter_extras.compute_logits(hidden, weight, self.tie, extras)
 
     def load_hf_weights(self, state: dict[str, torch.Tensor]) -> None:
         """Map HF names onto the fused layout (q,k,v -> qkv; gate,up -> gate_up)."""
