@@ -82,3 +82,29 @@ def test_each_kind_changes_the_output(kinds_setup):
     base = oracle.logits(ids, None)
     for name in adapters:
         assert (oracle.logits(ids, name) - base).abs().max() > 1e-2, name
+
+
+def test_triton_backend_with_decode_graphs(kinds_setup):
+    """The Triton backend (interpreted on CPU) with decode graphs in place: steps with
+    these kinds run eagerly (the graphs hold none of them) and still match PEFT; a step
+    of plain adapters keeps replaying its graph."""
+    from loraserve.kernels import triton_kernels
+
+    base_dir, adapters, oracle = kinds_setup
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        triton_kernels(torch.device("cpu"))        # fails here without the interpreter
+    llm = make_llm(base_dir, adapters, max_loras=5, max_num_seqs=6, kernel_backend="triton",
+                   device="cuda" if cuda else "cpu")
+    runner = llm.engine.runner
+    if not cuda:                                   # emulate replay: same buffers, no graph
+        runner.graphs = runner.make_decode_graphs(llm.engine.max_model_len, capture=False)
+    replays = []
+    run = runner.graphs.run
+    runner.graphs.run = lambda step: replays.append(step.token_slots) or run(step)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    for plan in (["plain", "dora", None, "embed_head", "tokens", "copies"], ["plain", None]):
+        replays.clear()
+        outs, logits = run_and_record(llm, PROMPTS[: len(plan)], plan, params)
+        check_against_oracle(oracle, [o for o in outs], logits, plan)
+        assert bool(replays) == (plan == ["plain", None]), replays
