@@ -108,3 +108,34 @@ def test_triton_backend_with_decode_graphs(kinds_setup):
         outs, logits = run_and_record(llm, PROMPTS[: len(plan)], plan, params)
         check_against_oracle(oracle, [o for o in outs], logits, plan)
         assert bool(replays) == (plan == ["plain", None]), replays
+
+
+def test_tied_base_trainable_tokens_and_head_lora(tiny_models, tokenizer_dir, tmp_path_factory):
+    """On a tied base (SmolLM2's layout) PEFT ties trainable tokens to lm_head as well,
+    and LoRA on lm_head reads the shared weight: both still match."""
+    import glob
+    import os
+    import shutil
+
+    from lorakit import tiny_config
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("tied")
+    config = tiny_config("llama", 49152)
+    config.tie_word_embeddings = True
+    torch.manual_seed(3)
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    base_dir = str(root / "base")
+    base.save_pretrained(base_dir, safe_serialization=True)
+    for f in glob.glob(os.path.join(tokenizer_dir, "*token*")) + glob.glob(os.path.join(tokenizer_dir, "*.jinja")):
+        shutil.copy(f, base_dir)
+    ids = sorted({t for p in PROMPTS[:3] for t in AutoTokenizer.from_pretrained(base_dir)(p)["input_ids"][:3]})
+    adapters = {"tokens": save_peft_kind(base, str(root / "tokens"), seed=1, target_modules=["q_proj"],
+                                         trainable_token_indices=ids),
+                "embed_head": save_peft_kind(base, str(root / "eh"), seed=2,
+                                             target_modules=["embed_tokens", "lm_head", "v_proj"])}
+    oracle = Oracles(base_dir, adapters)
+    llm = make_llm(base_dir, adapters, max_loras=2)
+    plan = ["tokens", None, "embed_head", "tokens"]
+    outs, logits = run_and_record(llm, PROMPTS[:4], plan, GREEDY)
+    check_against_oracle(oracle, outs, logits, plan)
