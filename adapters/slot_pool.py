@@ -159,6 +159,9 @@ class SlotPool:
             self.unpinned.pop(key, None)
             slot = self.slot_of.pop(key)
             self.pending.pop(slot, None)
+            self.vocab.pop(slot, None)           # vocabulary-sized: free it now, not at the next write
+            self.extras_slots.discard(slot)
+            self.dora_slots.discard(slot)
             self.free.append(slot)
 
     @property
