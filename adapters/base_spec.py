@@ -28,6 +28,9 @@ class BaseModelSpec:
     head_dim: int
     max_lora_rank: int = 64
     base_model_id: str = ""  # informative; used for a name mismatch warning only
+    vocab_size: int = 0  # rows of embed_tokens and lm_head; 0 = unknown (adapters on them are refused)
+    tie_word_embeddings: bool = False  # lm_head reads embed_tokens' weight
+    max_module_copy_bytes: int = 1 << 30  # per adapter: full copies (modules_to_save) above this are refused
 
     def __post_init__(self) -> None:
         sizes = ("hidden_size", "intermediate_size", "num_hidden_layers",
@@ -69,7 +72,8 @@ class BaseModelSpec:
                 f":a{self.num_attention_heads}:kv{self.num_key_value_heads}:d{self.head_dim}")
 
     @classmethod
-    def from_hf_config(cls, config, max_lora_rank: int = 64, base_model_id: str = "") -> "BaseModelSpec":
+    def from_hf_config(cls, config, max_lora_rank: int = 64, base_model_id: str = "",
+                       max_module_copy_bytes: int = 1 << 30) -> "BaseModelSpec":
         """Build from a transformers PretrainedConfig (Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3)."""
         heads = config.num_attention_heads
         # Qwen2 has no head_dim attribute and Mistral may carry head_dim=None; Qwen3 and
@@ -85,4 +89,7 @@ class BaseModelSpec:
             head_dim=head_dim,
             max_lora_rank=max_lora_rank,
             base_model_id=base_model_id or getattr(config, "_name_or_path", "") or "",
+            vocab_size=getattr(config, "vocab_size", 0) or 0,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            max_module_copy_bytes=max_module_copy_bytes,
         )

@@ -100,6 +100,7 @@ class FinetuneConfig:
     rank: int = 16
     alpha: float = 32.0
     targets: tuple[str, ...] = LORA_MODULES
+    use_dora: bool = False          # train DoRA (PEFT's use_dora): served unmerged, like any LoRA
     epochs: int = 3
     batch_size: int = 8
     learning_rate: float = BASE_LEARNING_RATE
@@ -119,6 +120,8 @@ class FinetuneConfig:
         lr = self.learning_rate
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and 0 < lr <= MAX_LEARNING_RATE):
             raise ValueError(f"learning_rate must be in (0, {MAX_LEARNING_RATE}], got {lr!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"use_dora must be true or false, got {self.use_dora!r}")
         if not 0 <= self.eval_fraction <= 0.5:
             raise ValueError(f"eval_fraction must be from 0 to 0.5, got {self.eval_fraction!r}")
         unknown = [t for t in self.targets if t not in ADAPTER_MODULES]
@@ -185,7 +188,8 @@ def train_lora(base_dir: str, data: TrainingData, config: FinetuneConfig, out_di
     config_hf.__dict__.pop("quantization_config", None)
     model = AutoModelForCausalLM.from_pretrained(base_dir, config=config_hf, dtype=torch.float32)
     targets = model_targets(config_hf.model_type, config.targets)   # Phi-3: its fused qkv_proj, gate_up_proj
-    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=targets, lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=targets, lora_dropout=0.0,
+                      bias="none", task_type="CAUSAL_LM", use_dora=config.use_dora)
     model = get_peft_model(model, lora)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     reporter = _make_reporter(on_progress)

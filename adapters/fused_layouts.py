@@ -18,23 +18,30 @@ from .errors import AdapterRejected
 Weights = dict[tuple[int, str], torch.Tensor]
 
 
-def split_fused(lora_a: Weights, lora_b: Weights, spec: BaseModelSpec) -> tuple[Weights, Weights]:
-    """(lora_a, lora_b) with every fused module replaced by its parts; refuses module
-    names that the served architecture does not have (q_proj on Phi-3, qkv_proj on Llama)."""
+def split_fused(lora_a: Weights, lora_b: Weights, spec: BaseModelSpec,
+                magnitude: Weights | None = None) -> tuple[Weights, Weights, Weights]:
+    """(lora_a, lora_b, magnitude) with every fused module replaced by its parts; refuses
+    module names that the served architecture does not have (q_proj on Phi-3, qkv_proj on
+    Llama). DoRA's magnitude is per output row, like B, so it splits by the same rows (its
+    rescale m / ||W + sBA|| is row by row too)."""
+    magnitude = magnitude or {}
     allowed = spec.adapter_modules
     for _, module in lora_a:
         if module not in allowed:
             raise AdapterRejected(f"LoRA on {module!r} does not fit the served base ({spec.model_type}), whose "
                                   f"projections are {', '.join(allowed)}; this adapter was trained on another "
                                   "architecture")
-    out_a, out_b = {}, {}
+    out_a, out_b, out_m = {}, {}, {}
     for (layer, module), a in lora_a.items():
         b = lora_b[layer, module]
         parts = FUSED_MODULES.get(module, (module,))
         widths = [spec.module_shape(p)[1] for p in parts]
         for part, rows in zip(parts, b.split(widths, dim=0)):
             out_a[layer, part], out_b[layer, part] = a, rows.contiguous()
-    return out_a, out_b
+        if (layer, module) in magnitude:
+            for part, m in zip(parts, magnitude[layer, module].split(widths)):
+                out_m[layer, part] = m.contiguous()
+    return out_a, out_b, out_m
 
 
 def model_targets(model_type: str, targets: tuple[str, ...]) -> list[str]:

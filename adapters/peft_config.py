@@ -1,8 +1,9 @@
 """Validation of a PEFT `adapter_config.json`: what loraserve can serve and what it refuses.
 
-Only plain LoRA on the seven Llama-family projections is served; every PEFT feature
-that changes the math beyond `y += (x @ A.T @ B.T) * scaling` is refused by name, so
-a user learns why before anything is stored.
+Served: LoRA and rsLoRA on the seven Llama-family projections, DoRA (`use_dora`) on
+those and on lm_head, LoRA on embed_tokens and lm_head, `modules_to_save` copies of
+embed_tokens / lm_head, and trainable tokens of embed_tokens. Every other PEFT feature
+is refused by name, so a user learns why before anything is stored.
 """
 
 from __future__ import annotations
@@ -14,6 +15,17 @@ import re
 from dataclasses import dataclass
 
 from .base_spec import ADAPTER_MODULES, LORA_MODULES, BaseModelSpec
+
+VOCAB_MODULES = ("embed_tokens", "lm_head")  # the vocabulary-sized modules adapters may touch
+TARGETABLE = ADAPTER_MODULES + VOCAB_MODULES
+
+# peft_type -> its name; none is served (each changes the math beyond LoRA's)
+_OTHER_PEFT_TYPES = {"VERA": "VeRA", "LOHA": "LoHa", "LOKR": "LoKr", "IA3": "IA3", "ADALORA": "AdaLoRA",
+                     "PROMPT_TUNING": "prompt tuning", "PREFIX_TUNING": "prefix tuning", "P_TUNING": "P-tuning",
+                     "MULTITASK_PROMPT_TUNING": "multitask prompt tuning", "OFT": "OFT", "BOFT": "BOFT",
+                     "FOURIERFT": "FourierFT", "LN_TUNING": "LayerNorm tuning", "POLY": "Poly",
+                     "HRA": "HRA", "BONE": "Bone", "XLORA": "X-LoRA", "ADAPTION_PROMPT": "adaption prompt",
+                     "CPT": "CPT", "VBLORA": "VB-LoRA", "RANDLORA": "RandLoRA", "SHIRA": "SHiRA", "C3A": "C3A"}
 from .errors import AdapterRejected
 
 logger = logging.getLogger(__name__)
@@ -26,10 +38,8 @@ def _is_set(value) -> bool:
 
 # (config field, is the feature used?, what it is, what to do instead)
 _UNSUPPORTED = (
-    ("use_dora", bool, "DoRA (use_dora=true)", "train a plain LoRA, or merge the DoRA adapter into the base"),
-    ("modules_to_save", bool, "modules_to_save (full copies of base modules)",
-     "train without modules_to_save, or merge the adapter into the base model"),
-    ("rank_pattern", bool, "per-module ranks (rank_pattern)", "train with one r for all modules"),
+    ("rank_pattern", bool, "per-module ranks (rank_pattern, as AdaLoRA and rank-pattern LoRA write them)",
+     "train with one r for all modules, or merge the adapter into the base (PeftModel.merge_and_unload)"),
     ("alpha_pattern", bool, "per-module alphas (alpha_pattern)", "train with one lora_alpha for all modules"),
     ("layers_to_transform", _is_set, "layers_to_transform", "train LoRA on all layers"),
     ("layer_replication", _is_set, "layer_replication", "train without layer_replication"),
@@ -38,7 +48,6 @@ _UNSUPPORTED = (
     ("lora_bias", bool, "lora_bias=true", "train with lora_bias=false"),
     ("use_qalora", bool, "QA-LoRA (use_qalora=true)", "train a plain LoRA"),
     ("target_parameters", _is_set, "target_parameters", "target modules by name with target_modules"),
-    ("trainable_token_indices", _is_set, "trainable_token_indices", "train without trainable tokens"),
     ("alora_invocation_tokens", _is_set, "activated LoRA (alora_invocation_tokens)", "train a plain LoRA"),
 )
 
@@ -51,6 +60,9 @@ class LoraHyper:
     alpha: float
     use_rslora: bool
     target_modules: object  # list[str] as written, or a str (a regex, or "all-linear")
+    use_dora: bool = False
+    modules_to_save: tuple[str, ...] = ()  # subset of VOCAB_MODULES: full per-adapter copies
+    trainable_tokens: tuple[int, ...] = ()  # token ids whose embedding rows the adapter replaces
 
     @property
     def scaling(self) -> float:
@@ -74,7 +86,11 @@ def check_config(config: dict, spec: BaseModelSpec) -> LoraHyper:
     """Validate one parsed config against the served base; return its LoRA numbers."""
     peft_type = config.get("peft_type")
     if str(peft_type).upper() != "LORA":
-        raise AdapterRejected(f"peft_type is {peft_type!r}; loraserve serves LoRA adapters only (peft_type 'LORA')")
+        kind = _OTHER_PEFT_TYPES.get(str(peft_type).upper())
+        what = f"a {kind} adapter (peft_type {peft_type!r})" if kind else f"peft_type {peft_type!r}"
+        raise AdapterRejected(f"{what} is not served: loraserve serves LoRA adapters only (peft_type 'LORA', "
+                              "incl. rsLoRA and DoRA); merge it into the base (PeftModel.merge_and_unload) and "
+                              "serve the merged model, or retrain it as a LoRA adapter")
     for field, used, what, fix in _UNSUPPORTED:
         if used(config.get(field)):
             raise AdapterRejected(f"adapter uses {what}, which loraserve does not support; {fix}")
@@ -88,7 +104,52 @@ def check_config(config: dict, spec: BaseModelSpec) -> LoraHyper:
     elif not isinstance(targets, str):
         raise AdapterRejected("adapter_config.json has no target_modules; "
                               f"re-save it with PEFT, targeting some of {', '.join(LORA_MODULES)}")
-    return LoraHyper(_check_rank(config, spec), _check_alpha(config), bool(config.get("use_rslora")), targets)
+    use_dora = bool(config.get("use_dora"))
+    if use_dora and _names_embed(targets):
+        raise AdapterRejected("DoRA on embed_tokens is not served; retrain without embed_tokens in target_modules "
+                              "(DoRA on the projections and lm_head is served)")
+    return LoraHyper(_check_rank(config, spec), _check_alpha(config), bool(config.get("use_rslora")), targets,
+                     use_dora, _check_modules_to_save(config), _check_trainable_tokens(config, spec))
+
+
+def _names_embed(targets) -> bool:
+    if isinstance(targets, str):
+        return re.search(r"embed_tokens", targets) is not None
+    return any(str(t).rsplit(".", 1)[-1] == "embed_tokens" for t in targets)
+
+
+def _check_modules_to_save(config: dict) -> tuple[str, ...]:
+    names = config.get("modules_to_save") or []
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise AdapterRejected(f"modules_to_save={names!r} must be a list of module names; re-save with PEFT")
+    out = []
+    for name in names:
+        module = str(name).rsplit(".", 1)[-1]
+        if module not in VOCAB_MODULES:
+            raise AdapterRejected(f"modules_to_save names {name!r}; loraserve serves full copies of "
+                                  f"{' and '.join(VOCAB_MODULES)} only: retrain without it in modules_to_save")
+        out.append(module)
+    return tuple(m for m in VOCAB_MODULES if m in out)
+
+
+def _check_trainable_tokens(config: dict, spec: BaseModelSpec) -> tuple[int, ...]:
+    """PEFT takes a list of ids (for embed_tokens) or {module: ids}."""
+    value = config.get("trainable_token_indices")
+    if not _is_set(value):
+        return ()
+    if isinstance(value, dict):
+        others = [k for k in value if str(k).rsplit(".", 1)[-1] != "embed_tokens"]
+        if others:
+            raise AdapterRejected(f"trainable_token_indices names module {others[0]!r}; loraserve serves "
+                                  "trainable tokens of embed_tokens only: retrain with a list of token ids")
+        value = [i for ids in value.values() for i in ids]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise AdapterRejected(f"trainable_token_indices={value!r} must be a list of token ids; re-save with PEFT")
+    bad = [i for i in value if not 0 <= i < spec.vocab_size]
+    if bad:
+        raise AdapterRejected(f"trainable token id {bad[0]} is outside the served vocabulary of {spec.vocab_size} "
+                              "tokens; this adapter was trained for a different (resized) vocabulary")
+    return tuple(value)
 
 
 def _check_rank(config: dict, spec: BaseModelSpec) -> int:
@@ -114,9 +175,9 @@ def _check_target_names(targets) -> None:
     # PEFT matches list entries as dotted suffixes ("self_attn.q_proj"), so judge the last part.
     for target in targets:
         module = str(target).rsplit(".", 1)[-1]
-        if module not in ADAPTER_MODULES:
+        if module not in TARGETABLE:
             raise AdapterRejected(f"target module {target!r} is not supported; loraserve applies LoRA "
-                                  f"to {', '.join(LORA_MODULES)} only: retrain without {module!r}")
+                                  f"to {', '.join(TARGETABLE)} only: retrain without {module!r}")
 
 
 def _check_base_name(config: dict, spec: BaseModelSpec) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load as load_safetensors
@@ -21,7 +21,8 @@ from .base_spec import ADAPTER_MODULES, ATTENTION_MODULES, LORA_MODULES, BaseMod
 from .durable import fsync_dir, write_durably
 from .errors import AdapterRejected
 from .fused_layouts import split_fused
-from .peft_config import LoraHyper, check_config, check_targets_cover, parse_config_json
+from .peft_config import VOCAB_MODULES, LoraHyper, check_config, check_targets_cover, parse_config_json
+from .peft_vocab import LAYER_MAGNITUDE, VocabWeights, collect_vocab, split_vocab_keys
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -46,12 +47,26 @@ class LoRAAdapter:
     lora_b: dict[tuple[int, str], torch.Tensor]  # (layer, module) -> [out_features, rank], fp32, CPU
     config: dict  # the parsed adapter_config.json
     sha256: str  # of the adapter_model.safetensors bytes
+    use_dora: bool = False
+    magnitude: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # DoRA: (layer, module) -> [out]
+    vocab: VocabWeights = field(default_factory=VocabWeights)  # embed_tokens / lm_head parts
 
     @property
     def num_bytes(self) -> int:
         """Bytes of the loaded fp32 tensors: what a CPU cache of adapters spends on this one."""
-        tensors = list(self.lora_a.values()) + list(self.lora_b.values())
+        tensors = [*self.lora_a.values(), *self.lora_b.values(), *self.magnitude.values(), *self.vocab.tensors()]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """What the adapter does, for its info: "LoRA" or "rsLoRA" or "DoRA", then the vocab parts."""
+        base = "DoRA" if self.use_dora else "rsLoRA" if self.use_rslora else "LoRA"
+        return (base, *self.vocab.kinds)
+
+    @property
+    def has_extras(self) -> bool:
+        """Anything beyond the projections' LoRA: the step then takes the extras path."""
+        return self.use_dora or not self.vocab.is_empty
 
 
 def load_peft_dir(path: str | os.PathLike, spec: BaseModelSpec, max_bytes: int | None = None) -> LoRAAdapter:
@@ -83,14 +98,42 @@ def load_peft_bytes(config_json: bytes, safetensors_bytes: bytes, spec: BaseMode
     config = parse_config_json(config_json)
     hyper = check_config(config, spec)
     tensors = _read_safetensors(safetensors_bytes)
-    lora_a, lora_b = _collect_weights(tensors, hyper, spec, check_values)
-    lora_a, lora_b = split_fused(lora_a, lora_b, spec)   # Phi-3's qkv_proj -> q/k/v_proj
+    found, tensors = split_vocab_keys(tensors)
+    vocab = collect_vocab(found, hyper, spec)
+    magnitude = _collect_magnitudes(tensors, hyper, spec)
+    lora_a, lora_b = _collect_weights(tensors, hyper, spec, check_values, vocab)
+    if hyper.use_dora and lora_a.keys() != magnitude.keys():
+        layer, module = sorted(lora_a.keys() ^ magnitude.keys())[0]
+        raise AdapterRejected(f"use_dora is set but layer {layer} {module} lacks its lora_magnitude_vector "
+                              "(or has one without LoRA weights); re-save the adapter with PEFT")
+    lora_a, lora_b, magnitude = split_fused(lora_a, lora_b, spec, magnitude)   # Phi-3's qkv_proj -> q/k/v_proj
     present = tuple(m for m in LORA_MODULES if any(module == m for _, module in lora_a))
+    present += tuple(m for m, a in zip(VOCAB_MODULES, (vocab.embed_a, vocab.head_a)) if a is not None)
     return LoRAAdapter(
         rank=hyper.rank, alpha=hyper.alpha, use_rslora=hyper.use_rslora, scaling=hyper.scaling,
         target_modules=present, lora_a=lora_a, lora_b=lora_b, config=config,
         sha256=sha256 or hashlib.sha256(safetensors_bytes).hexdigest(),
+        use_dora=hyper.use_dora, magnitude=magnitude, vocab=vocab,
     )
+
+
+def _collect_magnitudes(tensors: dict[str, torch.Tensor], hyper: LoraHyper, spec: BaseModelSpec) -> dict:
+    """DoRA's magnitude vectors of the projections (popped from `tensors`): [out_features] each."""
+    magnitude = {}
+    for key in sorted(k for k in tensors if LAYER_MAGNITUDE.match(k)):
+        match = LAYER_MAGNITUDE.match(key)
+        layer, module = int(match["layer"]), match["module"]
+        if not hyper.use_dora:
+            raise AdapterRejected(f"tensor {key} is a DoRA magnitude vector but use_dora is not set; "
+                                  "re-save the adapter with PEFT")
+        if module not in spec.adapter_modules or layer >= spec.num_hidden_layers:
+            raise AdapterRejected(f"unknown tensor {key}; this adapter was trained on a different base model")
+        tensor = tensors.pop(key)
+        out_features = spec.module_shape(module)[1]
+        if tuple(tensor.shape) != (out_features,):
+            raise AdapterRejected(f"tensor {key} has shape {list(tensor.shape)}, expected [{out_features}]")
+        magnitude[layer, module] = tensor.to(dtype=torch.float32, device="cpu")
+    return magnitude
 
 
 def write_peft_files(dst_dir: str | os.PathLike, config_json: bytes, safetensors_bytes: bytes) -> None:
@@ -135,7 +178,7 @@ def _read_safetensors(data: bytes) -> dict[str, torch.Tensor]:
 
 
 def _collect_weights(tensors: dict[str, torch.Tensor], hyper: LoraHyper, spec: BaseModelSpec,
-                     check_values: bool = True):
+                     check_values: bool = True, vocab: VocabWeights | None = None):
     """Map keys to (layer, module) and check each tensor; return (lora_a, lora_b)."""
     lora_a, lora_b = {}, {}
     module_paths = {}  # "model.layers.0.self_attn.q_proj" -> first tensor key, for target checks
@@ -150,8 +193,13 @@ def _collect_weights(tensors: dict[str, torch.Tensor], hyper: LoraHyper, spec: B
         group = "self_attn" if module in ATTENTION_MODULES else "mlp"
         module_paths.setdefault(f"model.layers.{layer}.{group}.{module}", key)
     _check_pairs(lora_a, lora_b)
-    if not lora_a:
+    if not lora_a and (vocab is None or vocab.is_empty):
         raise AdapterRejected(f"{WEIGHTS_NAME} holds no LoRA weights; re-save the adapter with PEFT")
+    if vocab is not None:
+        if vocab.embed_a is not None:
+            module_paths["model.embed_tokens"] = "embed_tokens.lora_embedding_A"
+        if vocab.head_a is not None:
+            module_paths["lm_head"] = "lm_head.lora_A.weight"
     check_targets_cover(hyper.target_modules, module_paths)
     return lora_a, lora_b
 

@@ -22,7 +22,9 @@ class AdapterRecord:
     target_modules: tuple[str, ...]
     shared: bool  # visible (read-only) to every tenant
     created_at: float  # time.time() at registration
-    num_bytes: int  # fp32 bytes of the loaded tensors: what a CPU cache spends on it
+    num_bytes: int  # fp32 bytes of the loaded tensors: what a CPU cache spends on it (copies included)
+    kinds: tuple[str, ...] = ("LoRA",)  # "LoRA" / "rsLoRA" / "DoRA", then any embed_tokens / lm_head parts
+    copy_bytes: int = 0  # of num_bytes, the modules_to_save copies: counted against max_module_copy_bytes
 
     @property
     def key(self) -> str:
@@ -35,6 +37,7 @@ def record_to_json(record: AdapterRecord, blob_id: str, base_key: str) -> bytes:
     fields = asdict(record)
     del fields["path"]
     fields["target_modules"] = list(record.target_modules)
+    fields["kinds"] = list(record.kinds)
     return json.dumps({"format": 1, "blob": blob_id, "base": base_key, **fields}, indent=1).encode()
 
 
@@ -50,5 +53,6 @@ def record_from_json(data: bytes, blobs_dir: str) -> tuple[AdapterRecord, str, s
         alpha=float(meta["alpha"]), use_rslora=bool(meta["use_rslora"]),
         target_modules=tuple(meta["target_modules"]), shared=bool(meta["shared"]),
         created_at=float(meta["created_at"]), num_bytes=int(meta["num_bytes"]),
+        kinds=tuple(meta.get("kinds", ("LoRA",))), copy_bytes=int(meta.get("copy_bytes", 0)),
     )
     return record, blob_id, str(meta["base"])

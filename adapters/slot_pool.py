@@ -11,6 +11,11 @@ Two halves, kept apart so that scheduling never moves weights:
 A running request pins its adapter's slot; an adapter that no request pins stays
 resident (a later request for it is free) until a slot is needed, then the least
 recently used unpinned one is evicted. Slot -1 means "no adapter" and is never stored.
+
+DoRA adapters also get a per-slot output scale per projection group (`LoRAGroup.dora`),
+computed at write time against the served base weights, which the model binds with
+`bind_base`; adapters on embed_tokens / lm_head get a `VocabSlot`. `extras_slots` names
+the slots holding either, so a step without them pays nothing.
 """
 
 from __future__ import annotations
@@ -21,10 +26,12 @@ from typing import Callable
 
 import torch
 
+from loraserve.kernels.lora_extras import dora_scale
 from loraserve.kernels.sgmv import capacity_rank, row_width
 
 from .base_spec import BaseModelSpec
 from .pin import Pin
+from .slot_vocab import VocabSlot
 
 # The fused projection groups the slot buffers are laid out in, each group's PEFT
 # modules in the order of the fused output's columns.
@@ -38,6 +45,8 @@ class LoRAGroup:
     A: torch.Tensor                    # [max_loras, in, r_cap, n_proj], slots packed: see kernels/sgmv.py
     Bs: list[torch.Tensor]             # per projection [max_loras, r_cap, out_p], scale folded in
     out_slices: list[tuple[int, int]]  # (column offset, width) of each projection in the fused output
+    dora: torch.Tensor | None = None   # [max_loras + 1, out_total] DoRA output scale per slot; ones for
+                                       # non-DoRA slots and for row -1 (no adapter)
 
     @classmethod
     def empty(cls, in_features: int, outs: list[int], max_loras: int, r_max: int, dtype, device):
@@ -47,10 +56,11 @@ class LoRAGroup:
             A=torch.zeros(max_loras, in_features, r_max, len(outs), dtype=dtype, device=device),
             Bs=[torch.zeros(max_loras, r_max, o, dtype=dtype, device=device) for o in outs],
             out_slices=list(zip(offsets, outs)),
+            dora=torch.ones(max_loras + 1, sum(outs), dtype=dtype, device=device),
         )
 
     def load(self, slot: int, rank: int, pairs: list[tuple[torch.Tensor, torch.Tensor] | None],
-             scaling: float) -> None:
+             scaling: float, scale: torch.Tensor | None = None) -> None:
         """Write one adapter into `slot`: pairs[p] = (lora_a [rank, in], lora_b [out_p, rank])
         as PEFT stores them, or None where the adapter does not target projection p (its
         columns stay zero). A is packed on the host and copied in one piece, each B in one."""
@@ -65,6 +75,8 @@ class LoRAGroup:
         for B, pair in zip(self.Bs, pairs):
             rows = torch.zeros(rank, B.shape[2]) if pair is None else pair[1].t().float() * scaling
             B[slot, :rank].copy_(rows.to(B.dtype))
+        if self.dora is not None:
+            self.dora[slot].copy_(torch.ones(self.dora.shape[1]) if scale is None else scale.to(self.dora.dtype))
 
 
 def group_shapes(spec: BaseModelSpec) -> dict[str, tuple[int, list[int]]]:
@@ -83,6 +95,10 @@ class SlotPool:
         self.max_loras = max_loras
         self.fetch = fetch
         self.layers = layers or []
+        self.base_weight: Callable[[int, str], torch.Tensor] | None = None  # (layer, module) -> served [out, in]
+        self.vocab: dict[int, VocabSlot] = {}     # slot -> its embed_tokens / lm_head parts, on the device
+        self.extras_slots: set[int] = set()      # slots whose adapter is DoRA or has vocab parts
+        self.dora_slots: set[int] = set()
         self.slot_of: dict[str, int] = {}
         self.ranks = [0] * max_loras           # ranks[s]: rank of the adapter in slot s (0 = empty)
         self.pins: Counter[str] = Counter()
@@ -102,6 +118,11 @@ class SlotPool:
         layers = [{g: LoRAGroup.empty(i, outs, max_loras, spec.max_lora_rank, dtype, device)
                    for g, (i, outs) in shapes.items()} for _ in range(spec.num_hidden_layers)]
         return cls(max_loras, fetch, layers)
+
+    def bind_base(self, base_weight: Callable[[int, str], torch.Tensor]) -> None:
+        """The model's served base weights, for DoRA's norms: base_weight(layer, "q_proj")
+        -> [out, in]; layer -1 with "lm_head" is the output embedding."""
+        self.base_weight = base_weight
 
     # -- bookkeeping (the scheduler's side) ----------------------------------------------
     def try_pin(self, key: str) -> Pin:
@@ -138,6 +159,9 @@ class SlotPool:
             self.unpinned.pop(key, None)
             slot = self.slot_of.pop(key)
             self.pending.pop(slot, None)
+            self.vocab.pop(slot, None)           # vocabulary-sized: free it now, not at the next write
+            self.extras_slots.discard(slot)
+            self.dora_slots.discard(slot)
             self.free.append(slot)
 
     @property
@@ -171,9 +195,34 @@ class SlotPool:
 
     def write(self, slot: int, adapter) -> None:
         """Copy an adapter (adapters.LoRAAdapter) into `slot` of every layer's groups."""
+        use_dora = getattr(adapter, "use_dora", False)
         for layer, groups in enumerate(self.layers):
             for name, group in groups.items():
                 pairs = [(adapter.lora_a[layer, m], adapter.lora_b[layer, m]) if (layer, m) in adapter.lora_a
                          else None for m in GROUP_MODULES[name]]
-                group.load(slot, adapter.rank, pairs, adapter.scaling)
+                scale = self._dora_scale(adapter, layer, name) if use_dora else None
+                group.load(slot, adapter.rank, pairs, adapter.scaling, scale)
         self.ranks[slot] = adapter.rank
+        self.vocab.pop(slot, None)
+        self.extras_slots.discard(slot)
+        self.dora_slots.discard(slot)
+        if getattr(adapter, "has_extras", False):
+            self.extras_slots.add(slot)
+            if use_dora:
+                self.dora_slots.add(slot)
+            if not adapter.vocab.is_empty and self.layers:
+                ref = self.layers[0]["o"].A
+                self.vocab[slot] = VocabSlot.of(adapter, self.base_weight, ref.dtype, ref.device)
+
+    def _dora_scale(self, adapter, layer: int, group: str) -> torch.Tensor:
+        """The group's fused output scale: m / ||W + sBA|| per projection with DoRA, ones elsewhere."""
+        if self.base_weight is None:
+            raise RuntimeError("DoRA needs the base weights: the model must bind them (SlotPool.bind_base)")
+        parts = []
+        for m in GROUP_MODULES[group]:
+            if (layer, m) in adapter.magnitude:
+                parts.append(dora_scale(self.base_weight(layer, m), adapter.lora_a[layer, m],
+                                        adapter.lora_b[layer, m], adapter.scaling, adapter.magnitude[layer, m]))
+            else:
+                parts.append(torch.ones(self.base_weight(layer, m).shape[0]))
+        return torch.cat(parts)

@@ -102,7 +102,7 @@ class AdapterStore:
                 tenant=tenant, name=name, version=self._index.next_version(tenant, name), sha256=adapter.sha256,
                 path=blob_dir, rank=adapter.rank, alpha=adapter.alpha, use_rslora=adapter.use_rslora,
                 target_modules=adapter.target_modules, shared=bool(shared), created_at=time.time(),
-                num_bytes=adapter.num_bytes)
+                num_bytes=adapter.num_bytes, kinds=adapter.kinds, copy_bytes=adapter.vocab.copy_bytes)
             self._write_meta(record, blob_id)
         except Exception:
             self._drop_blob_if_unused(blob_id)  # a real crash leaves it for start-up to collect

@@ -46,7 +46,8 @@ def adapter_object(caller: Caller, record: AdapterRecord, base_id: str) -> dict:
     return {"id": public_id(caller, record), "object": "adapter", "name": record.name, "owner": record.tenant,
             "version": record.version, "created": int(record.created_at), "rank": record.rank,
             "alpha": record.alpha, "use_rslora": record.use_rslora, "target_modules": list(record.target_modules),
-            "sha256": record.sha256, "shared": record.shared, "bytes": record.num_bytes, "parent": base_id}
+            "sha256": record.sha256, "shared": record.shared, "bytes": record.num_bytes,
+            "kinds": list(record.kinds), "copy_bytes": record.copy_bytes, "parent": base_id}
 
 
 def scope(caller: Caller, ref: str) -> tuple[str, str]:

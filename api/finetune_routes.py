@@ -7,7 +7,7 @@ the finished adapter lands in the caller's namespace as the job's `fine_tuned_mo
 Hyperparameters are OpenAI's three (`n_epochs`, `batch_size`, `learning_rate_multiplier`,
 each a number or "auto", chosen from the training file's size and length), at the top
 level or under method.supervised, plus loraserve's own: `lora_rank`, `lora_alpha`,
-`target_modules`, `max_seq_len`.
+`target_modules`, `use_dora`, `max_seq_len`.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ class Hyperparameters(_Strict):
     lora_rank: int | None = None                # loraserve's own, from here down
     lora_alpha: float | int | None = None
     target_modules: list[str] | None = None
+    use_dora: bool | None = None                # train DoRA instead of plain LoRA
     max_seq_len: int | None = None
 
 
@@ -157,11 +158,14 @@ def resolve_hyperparameters(h: Hyperparameters, examples: list[dict], max_rank: 
         raise _out_of_range("target_modules", f"a non-empty list of {', '.join(LORA_MODULES)}", targets)
     max_seq_len = h.max_seq_len if h.max_seq_len is not None else min(DEFAULT_MAX_SEQ_LEN, max_len)
     max_seq_len = _int_in("max_seq_len", max_seq_len, LIMITS["max_seq_len"][0], max_len)
-    config = FinetuneConfig(rank=rank, alpha=alpha, targets=tuple(targets), epochs=epochs, batch_size=batch,
+    use_dora = bool(h.use_dora)
+    config = FinetuneConfig(rank=rank, alpha=alpha, targets=tuple(targets), use_dora=use_dora, epochs=epochs,
+                            batch_size=batch,
                             learning_rate=BASE_LEARNING_RATE * multiplier, max_seq_len=max_seq_len, seed=seed)
     resolved = {"n_epochs": epochs, "batch_size": batch, "learning_rate_multiplier": multiplier,
-                "lora_rank": rank, "lora_alpha": alpha, "target_modules": list(targets), "max_seq_len": max_seq_len}
-    fields = {f: getattr(config, f) for f in ("rank", "alpha", "epochs", "batch_size", "learning_rate",
+                "lora_rank": rank, "lora_alpha": alpha, "target_modules": list(targets), "use_dora": use_dora,
+                "max_seq_len": max_seq_len}
+    fields = {f: getattr(config, f) for f in ("rank", "alpha", "use_dora", "epochs", "batch_size", "learning_rate",
                                               "max_seq_len", "eval_fraction", "max_eval_examples", "seed")}
     return resolved, {**fields, "targets": list(config.targets)}
 

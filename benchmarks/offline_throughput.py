@@ -10,6 +10,10 @@ overhead ratio. Adapters are loaded before timing: cold loads are adapter_scalin
     python -m benchmarks.offline_throughput                 # both dtypes, with HF+PEFT
     python -m benchmarks.offline_throughput --dtypes bfloat16 --skip-hf
     python -m benchmarks.offline_throughput --random-model llama-3.2-1b --dtypes bfloat16   # a GPU
+    python -m benchmarks.offline_throughput --adapter-kinds lora,dora,embed_head --skip-hf
+
+--adapter-kinds measures adapters of other kinds (DoRA; LoRA on embed_tokens and lm_head
+as well as the projections) on the same prompts and plan, each against plain LoRA.
 
 On CUDA both systems run on the GPU; loraserve replays CUDA graphs for decode unless
 --enforce-eager (run both to see what the graphs buy).
@@ -27,7 +31,7 @@ import torch
 from loraserve import LLM, SamplingParams
 from loraserve.model.loader import load_config, resolve_model
 
-from .synthetic import MODEL_PRESETS, random_prompts, write_adapter, write_random_model
+from .synthetic import ADAPTER_KINDS, MODEL_PRESETS, random_prompts, write_adapter, write_random_model
 
 
 def parse_args(argv=None):
@@ -51,9 +55,16 @@ def parse_args(argv=None):
                    help="random weights of this model's shape, with the embedded model's tokenizer")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory for --random-model (default: the embedded model's)")
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: decode without CUDA graphs")
+    p.add_argument("--adapter-kinds", default="lora",
+                   help=f"comma-separated adapter kinds to measure, each against plain LoRA: {', '.join(ADAPTER_KINDS)}")
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's op table for 3 decode steps, with and without adapters")
     args = p.parse_args(argv)
+    args.kinds = [k for k in args.adapter_kinds.split(",") if k]
+    if any(k not in ADAPTER_KINDS for k in args.kinds):
+        p.error(f"--adapter-kinds takes some of {', '.join(ADAPTER_KINDS)}, got {args.adapter_kinds!r}")
+    if "lora" not in args.kinds:
+        args.kinds.insert(0, "lora")               # the reference every other kind is measured against
     if args.max_lora_rank is not None and args.max_lora_rank < args.rank:
         p.error(f"--max-lora-rank {args.max_lora_rank} is below --rank {args.rank}: the slots could not hold the adapters")
     return args
@@ -144,8 +155,10 @@ def main(argv=None):
         args.model_dir = model_dir = source.local_dir
         hf_config = load_config(model_dir)
         prompts = random_prompts(args.num_requests, args.min_prompt, args.max_prompt, hf_config.vocab_size)
-        adapter_dirs = {f"a{i}": write_adapter(os.path.join(tmp, f"a{i}"), hf_config, source.model_id,
-                                               args.rank, seed=i) for i in range(args.num_adapters)}
+        kind_dirs = {kind: {f"a{i}": write_adapter(os.path.join(tmp, kind, f"a{i}"), hf_config, source.model_id,
+                                                   args.rank, seed=i, kind=kind) for i in range(args.num_adapters)}
+                     for kind in args.kinds}
+        adapter_dirs = kind_dirs["lora"]
         plan = [f"a{i % args.num_adapters}" for i in range(args.num_requests)]
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
         graphs = "" if not torch.cuda.is_available() else (", eager" if args.enforce_eager else ", CUDA graphs")
@@ -159,6 +172,10 @@ def main(argv=None):
             hf = None if args.skip_hf else run_hf_peft(model_dir, dtype, prompts, adapter_dirs, plan, args)
             hf_cols = f"{'-':>10} {'-':>8}" if hf is None else f"{hf:>10.1f} {lora / hf:>7.1f}x"
             print(f"{dtype:<10} {lora:>15.1f} {base:>15.1f} {lora / base:>10.2f} {hf_cols}", flush=True)
+            for kind in args.kinds[1:]:
+                other, other_base = run_loraserve(dtype, prompts, kind_dirs[kind], plan, args)
+                print(f"  {kind:<12} {other:>11.1f} tok/s ({other_base:.1f} base in its engine): "
+                      f"{other / lora:.2f}x plain LoRA's rate, LoRA/base {other / other_base:.2f}", flush=True)
 
 
 if __name__ == "__main__":

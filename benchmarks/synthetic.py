@@ -23,9 +23,13 @@ def module_shapes(hf_config) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
 
 
+ADAPTER_KINDS = ("lora", "dora", "embed_head")
+
+
 def write_adapter(out_dir: str, hf_config, base_id: str, rank: int, seed: int,
-                  targets: list[str] = ALL_MODULES, alpha: int | None = None) -> str:
-    """One rank-`rank` adapter on `targets` of every layer."""
+                  targets: list[str] = ALL_MODULES, alpha: int | None = None, kind: str = "lora") -> str:
+    """One rank-`rank` adapter on `targets` of every layer; kind "dora" adds DoRA's
+    magnitude vectors, "embed_head" adds LoRA on embed_tokens and lm_head."""
     gen = torch.Generator().manual_seed(seed)
     shapes = module_shapes(hf_config)
     tensors = {}
@@ -36,11 +40,21 @@ def write_adapter(out_dir: str, hf_config, base_id: str, rank: int, seed: int,
             fan_in, fan_out = shapes[m]
             tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) / fan_in ** 0.5
             tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * 0.01
+            if kind == "dora":
+                tensors[f"{prefix}.lora_magnitude_vector"] = 1 + 0.1 * torch.rand(fan_out, generator=gen)
+    if kind == "embed_head":
+        vocab, hidden = hf_config.vocab_size, hf_config.hidden_size
+        tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.randn(rank, vocab, generator=gen)
+        tensors["base_model.model.model.embed_tokens.lora_embedding_B"] = torch.randn(hidden, rank, generator=gen) * 0.01
+        tensors["base_model.model.lm_head.lora_A.weight"] = torch.randn(rank, hidden, generator=gen) / hidden ** 0.5
+        tensors["base_model.model.lm_head.lora_B.weight"] = torch.randn(vocab, rank, generator=gen) * 0.01
+        targets = list(targets) + ["embed_tokens", "lm_head"]
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha or 2 * rank,
               "target_modules": targets, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
-              "base_model_name_or_path": base_id, "fan_in_fan_out": False, "modules_to_save": None}
+              "base_model_name_or_path": base_id, "fan_in_fan_out": False, "modules_to_save": None,
+              "use_dora": kind == "dora"}
     with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
         json.dump(config, f)
     return out_dir

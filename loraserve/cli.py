@@ -30,6 +30,8 @@ ENGINE_FLAGS = {
     "enable_prefix_caching": "reuse KV blocks of identical prompt prefixes under the same adapter",
     "max_loras": "adapter slots on the device: distinct adapters that can run in one step",
     "max_lora_rank": "largest LoRA rank accepted; slot buffers are sized to it",
+    "max_module_copy_bytes": "largest modules_to_save copies (full embed_tokens / lm_head) one adapter may "
+                             "carry, in fp32 bytes; larger adapters are refused at upload",
     "max_cpu_loras": "adapters kept loaded in CPU memory (default 4 x --max-loras)",
     "adapter_dir": "directory of the durable adapter store (default: ~/.cache/loraserve/adapters)",
     "cache_dir": "directory for converted models (default: ~/.cache/loraserve)",
@@ -107,6 +109,8 @@ def add_finetune_parser(sub) -> None:
                    help="examples per step (default: auto, from the data's size and length, as the API's)")
     p.add_argument("--targets", default=",".join(LORA_MODULES),
                    help=f"comma-separated projections to adapt (default: all of {','.join(LORA_MODULES)})")
+    p.add_argument("--use-dora", action="store_true",
+                   help="train DoRA (weight-decomposed LoRA) instead of plain LoRA; served unmerged")
     p.add_argument("--max-seq-len", type=int, default=1024, help="longer examples are cut (default: 1024)")
     p.add_argument("--eval-fraction", type=float, default=0.1,
                    help="share of --data held out for the eval loss, without --validation-data (default: 0.1)")
@@ -141,6 +145,7 @@ def run_finetune(args: argparse.Namespace) -> int:
     config = FinetuneConfig(rank=args.rank, alpha=args.alpha or 2.0 * args.rank, epochs=auto.n_epochs,
                             learning_rate=lr, batch_size=auto.batch_size, seed=args.seed,
                             targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+                            use_dora=args.use_dora,
                             max_seq_len=args.max_seq_len, eval_fraction=args.eval_fraction)
     print(f"training {len(data.examples)} examples: {config.epochs} epochs, batch size {config.batch_size}, "
           f"learning rate {config.learning_rate:g}", file=sys.stderr)

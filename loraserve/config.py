@@ -25,6 +25,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_loras: int = 8                  # adapter slots on the device
     max_lora_rank: int = 16             # slot buffers are sized to this rank
+    max_module_copy_bytes: int = 1 << 30  # per adapter: modules_to_save copies (embed_tokens, lm_head) up to this
     max_cpu_loras: int | None = None    # CPU cache of loaded adapters; None = 4 * max_loras
     adapter_dir: str | None = None      # durable adapter store root; None = user cache dir
     cache_dir: str | None = None        # converted-model cache; None = user cache dir

@@ -65,7 +65,8 @@ class LLMEngine:
         wanted = config.max_model_len or min(context, 4096)
         if wanted > context:
             raise ValueError(f"max_model_len {wanted} exceeds the model's context of {context} tokens")
-        self.spec = BaseModelSpec.from_hf_config(self.hf_config, config.max_lora_rank, self.model_id)
+        self.spec = BaseModelSpec.from_hf_config(self.hf_config, config.max_lora_rank, self.model_id,
+                                                 config.max_module_copy_bytes)
         self.store = AdapterStore(config.adapter_dir or default_store_root(), self.spec)
         device = resolve_device(config.device)
         self.adapters = AdapterRegistry(self.store, config.max_loras, config.max_cpu_loras,

@@ -155,3 +155,28 @@ def run_and_record(llm, prompts, adapters, params):
     finally:
         llm.engine.hooks.on_logits = None
     return outs, [torch.stack(recorded[o.request_id]) for o in outs]
+
+
+def save_peft_kind(base_model, out_dir: str, seed: int, **lora_config) -> str:
+    """A PEFT adapter of any LoRA kind (use_dora, embed_tokens/lm_head targets,
+    modules_to_save, trainable_token_indices), every trained part random and visibly
+    different from its initial value, written by PEFT itself."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(init_lora_weights=False, lora_dropout=0.0, **({"r": 4, "lora_alpha": 8} | lora_config))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(copy.deepcopy(base_model), config)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "magnitude" in name:          # DoRA's m starts at ||W||: move it
+                    p.mul_(1 + 0.3 * torch.randn_like(p))
+                elif "lora_" in name:
+                    p.mul_(0.5 / max(1.0, p.abs().max().item()))
+                elif "modules_to_save" in name or "trainable_tokens_delta" in name:
+                    p.add_(0.05 * torch.randn_like(p))
+        model.save_pretrained(out_dir)
+    return out_dir

@@ -12,12 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loraserve.adapters import LoRAGroup
 from loraserve.kernels import Kernels
 
+from . import adapter_extras
 from .layers import Attention, AttentionShape, ForwardBatch, GatedMLP, LoRAProjection, RMSNorm
 from .rope import rotary_tables
 
@@ -111,7 +111,7 @@ class DecoderForCausalLM(nn.Module):
             self.rope[key] = rotary_tables(self.config, self.head_dim, self.max_position, dtype, device, key)
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        x = self.embed(input_ids)                                        # [T, hidden]
+        x = adapter_extras.embed_tokens(self.embed, input_ids, batch.extras)   # [T, hidden], with adapters' parts
         if self.spec.embed_scale:                                        # in the activation dtype, as HF
             x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=x.dtype)
         tables = {key: (cos[batch.positions], sin[batch.positions]) for key, (cos, sin) in self.rope.items()}
@@ -119,9 +119,9 @@ class DecoderForCausalLM(nn.Module):
             x = layer(x, *tables[layer.rope_key], batch)
         return self.norm(x)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, extras: adapter_extras.StepExtras | None = None) -> torch.Tensor:
         weight = self.embed.weight if self.tie else self.lm_head.weight
-        logits = F.linear(hidden, weight)
+        logits = adapter_extras.compute_logits(hidden, weight, self.tie, extras)   # adapters' lm_head parts
         cap = self.spec.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

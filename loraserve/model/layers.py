@@ -17,6 +17,7 @@ from torch import nn
 from loraserve.adapters import LoRAGroup
 from loraserve.kernels import Kernels, LoRABlocks, LoRAMeta
 
+from . import adapter_extras
 from .rope import rotate
 
 
@@ -35,6 +36,7 @@ class ForwardBatch:
     decode_context_lens: torch.Tensor   # [D] int64
     decode_max_context_len: int
     lora: LoRAMeta | LoRABlocks         # in the form the model's Kernels reads (Kernels.lora_meta)
+    extras: adapter_extras.StepExtras | None = None  # DoRA / embed_tokens / lm_head parts; None = none in this step
 
 
 class RMSNorm(nn.Module):
@@ -66,11 +68,13 @@ class LoRAProjection(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.lora: LoRAGroup | None = None
 
-    def forward(self, x: torch.Tensor, meta: LoRAMeta | LoRABlocks) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: "ForwardBatch") -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
+        meta = batch.lora
         if meta.has_lora and self.lora is not None:
             g = self.lora
             self.kernels.add_lora(y, x, g.A, g.Bs, g.out_slices, meta)
+            adapter_extras.apply_dora(y, self, g, batch.extras)     # DoRA rows only; nothing without DoRA
         return y
 
 
@@ -105,7 +109,7 @@ class Attention(nn.Module):
         self.v_cache: torch.Tensor | None = None
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        q, k, v = self.qkv(h, batch.lora).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.qkv(h, batch).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)             # [T, H, D]
         k = k.view(-1, self.num_kv_heads, self.head_dim)          # [T, H_kv, D]
         if self.q_norm is not None:
@@ -113,7 +117,7 @@ class Attention(nn.Module):
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         out = self._paged(q, k.contiguous(), v.contiguous(), batch)
-        return self.o(out.flatten(1), batch.lora)
+        return self.o(out.flatten(1), batch)
 
     def _paged(self, q, k, v, batch: ForwardBatch) -> torch.Tensor:
         kernels = self.kernels
@@ -144,5 +148,5 @@ class GatedMLP(nn.Module):
         self.act = ACT2FN[act]
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
-        gate, up = self.gate_up(x, batch.lora).chunk(2, dim=-1)
-        return self.down(self.act(gate) * up, batch.lora)
+        gate, up = self.gate_up(x, batch).chunk(2, dim=-1)
+        return self.down(self.act(gate) * up, batch)

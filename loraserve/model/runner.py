@@ -4,6 +4,7 @@ belong to the adapters' slot pool, which the model reads through views of its la
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from loraserve.hooks import EngineHooks
 from loraserve.kernels import select_kernels
 from loraserve.sequence import Sequence
 
+from . import adapter_extras
 from .cuda_graphs import DecodeGraphs, DecodeInputs
 from .layers import ForwardBatch
 from .loader import load_state_dict
@@ -62,6 +64,7 @@ class ModelRunner:
         model.load_hf_weights(load_state_dict(model_dir))
         model.init_rotary(self.dtype)
         model.attach_lora(slots.layers)
+        slots.bind_base(functools.partial(adapter_extras.base_weight, model))   # DoRA's norms read the served W
         self.model = model.eval()
         self.num_blocks = config.num_kv_blocks or self._blocks_for_budget(hf_config, config.kv_cache_memory)
         model.init_kv_cache(self.num_blocks + 1, self.block_size)   # + the scratch block of graph padding
@@ -106,14 +109,17 @@ class ModelRunner:
                 sample_idx.append(len(ids) - 1)
                 sample_seqs.append(seq)
         decode_lens = [i.seq.num_computed_tokens + 1 for i in decode]
-        if not prefill and self.graphs is not None and self.graphs.bucket(len(decode)):
+        extras = adapter_extras.step_extras(self.slots, token_slots, sample_idx, self.device)
+        # steps with DoRA / embed_tokens / lm_head adapters run eagerly: the graphs hold none of it
+        if not prefill and extras is None and self.graphs is not None and self.graphs.bucket(len(decode)):
             step = DecodeInputs(ids, positions, kv_slots, [i.seq.block_table for i in decode], decode_lens,
                                 token_slots, self.slots.ranks)
             hidden = self.graphs.run(step)
         else:
             batch = self._forward_batch(prefill, decode, decode_lens, positions, kv_slots, token_slots)
+            batch.extras = extras
             hidden = self.model(self._tensor(ids), batch)
-        logits = self.model.compute_logits(hidden[self._tensor(sample_idx)])
+        logits = self.model.compute_logits(hidden[self._tensor(sample_idx)], extras)
         if self.hooks.on_logits is not None:
             self.hooks.on_logits(sample_seqs, logits)
         return sample_seqs, logits

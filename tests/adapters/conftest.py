@@ -81,7 +81,7 @@ def kit() -> SimpleNamespace:
 
 @pytest.fixture
 def spec() -> BaseModelSpec:
-    return BaseModelSpec(model_type="llama", max_lora_rank=64, **TINY)
+    return BaseModelSpec(model_type="llama", max_lora_rank=64, vocab_size=32, **TINY)
 
 
 @pytest.fixture(scope="session")

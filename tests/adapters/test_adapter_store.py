@@ -67,8 +67,8 @@ def test_unknown_refs(store, adapter_files):
 
 
 def test_rejected_adapter_stores_nothing(store, adapter_files, kit):
-    with pytest.raises(AdapterRejected, match="DoRA"):
-        store.register_bytes("acme", "bot", kit.edit_config(adapter_files[0], use_dora=True), adapter_files[1])
+    with pytest.raises(AdapterRejected, match="VeRA"):
+        store.register_bytes("acme", "bot", kit.edit_config(adapter_files[0], peft_type="VERA"), adapter_files[1])
     assert store.list("acme") == []
     root = store.root
     assert [os.listdir(os.path.join(root, d)) for d in ("blobs", "tenants", "tmp")] == [[], [], []]

@@ -68,8 +68,6 @@ def test_not_lora(adapter_files, spec, kit):
 
 
 @pytest.mark.parametrize("field,value,needle", [
-    ("use_dora", True, "DoRA"),
-    ("modules_to_save", ["lm_head"], "modules_to_save"),
     ("rank_pattern", {"q_proj": 8}, "rank_pattern"),
     ("alpha_pattern", {"q_proj": 16}, "alpha_pattern"),
     ("layers_to_transform", [0], "layers_to_transform"),
@@ -87,23 +85,81 @@ def test_bias_other_than_none(adapter_files, spec, kit, bias):
     reject(kit.edit_config(adapter_files[0], bias=bias), adapter_files[1], spec, repr(bias), "bias='none'")
 
 
-@pytest.mark.parametrize("module", ["lm_head", "embed_tokens"])
+@pytest.mark.parametrize("module", ["score", "rotary_emb"])
 def test_unsupported_target_module_is_named(adapter_files, spec, kit, module):
     config = kit.edit_config(adapter_files[0], target_modules=["q_proj", "v_proj", module])
     reject(config, adapter_files[1], spec, f"target module '{module}'", "q_proj")
 
 
-def test_lora_weights_on_unsupported_module_are_named(tmp_path, spec, kit):
+def test_lora_weights_on_unsupported_module_are_named(adapter_files, spec, kit):
+    key = "base_model.model.model.layers.0.input_layernorm.lora_A.weight"
+    weights = kit.edit_tensors(adapter_files[1], lambda t: t.__setitem__(key, torch.zeros(4, 64)))
+    reject(adapter_files[0], weights, spec, "module 'input_layernorm'", key)
+
+
+def test_lm_head_lora_not_in_target_modules(tmp_path, spec, kit):
     with pytest.warns(UserWarning, match="save_embedding_layers"):
         kit.save(tmp_path, targets=("q_proj", "lm_head"))
     config, weights = kit.read(tmp_path)
-    reject(kit.edit_config(config, target_modules=["q_proj"]), weights, spec, "module 'lm_head'", "lm_head.lora_A")
+    reject(kit.edit_config(config, target_modules=["q_proj"]), weights, spec, "not covered by target_modules")
 
 
-def test_full_base_weights_are_refused(adapter_files, spec, kit):
-    key = "base_model.model.lm_head.base_layer.weight"
-    weights = kit.edit_tensors(adapter_files[1], lambda t: t.__setitem__(key, torch.zeros(32, 64)))
+def test_other_full_base_weights_are_refused(adapter_files, spec, kit):
+    key = "base_model.model.model.norm.base_layer.weight"
+    weights = kit.edit_tensors(adapter_files[1], lambda t: t.__setitem__(key, torch.zeros(64)))
     reject(adapter_files[0], weights, spec, key, "full copy of a base weight", "save_embedding_layers=False")
+
+
+@pytest.mark.parametrize("key", ["base_model.model.lm_head.base_layer.weight",
+                                 "base_model.model.model.embed_tokens.base_layer.weight"])
+def test_vocabulary_resizing_is_refused(adapter_files, spec, kit, key):
+    weights = kit.edit_tensors(adapter_files[1], lambda t: t.__setitem__(key, torch.zeros(40, 64)))
+    reject(adapter_files[0], weights, spec, "resizes the vocabulary", "40", "32", "resize_token_embeddings")
+
+
+def test_vocabulary_resizing_by_modules_to_save_is_refused(tmp_path, spec, kit):
+    kit.save(tmp_path, modules_to_save=["lm_head"])
+    config, weights = kit.read(tmp_path)
+    key = "base_model.model.lm_head.weight"
+    weights = kit.edit_tensors(weights, lambda t: t.__setitem__(key, torch.zeros(48, 64)))
+    reject(config, weights, spec, "resizes the vocabulary", "48")
+
+
+@pytest.mark.parametrize("peft_type,name", [("VERA", "VeRA"), ("LOHA", "LoHa"), ("LOKR", "LoKr"), ("IA3", "IA3"),
+                                            ("ADALORA", "AdaLoRA"), ("PROMPT_TUNING", "prompt tuning")])
+def test_other_peft_types_are_named(adapter_files, spec, kit, peft_type, name):
+    reject(kit.edit_config(adapter_files[0], peft_type=peft_type), adapter_files[1], spec,
+           name, "not served", "merge_and_unload")
+
+
+def test_dora_without_magnitudes(adapter_files, spec, kit):
+    reject(kit.edit_config(adapter_files[0], use_dora=True), adapter_files[1], spec, "lora_magnitude_vector")
+
+
+def test_dora_on_embed_tokens_is_refused(adapter_files, spec, kit):
+    config = kit.edit_config(adapter_files[0], use_dora=True, target_modules=["q_proj", "v_proj", "embed_tokens"])
+    reject(config, adapter_files[1], spec, "DoRA on embed_tokens")
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("modules_to_save", ["lm_head"], "modules_to_save and the weights disagree"),
+    ("modules_to_save", ["score"], "modules_to_save names 'score'"),
+    ("trainable_token_indices", {"lm_head": [1]}, "trainable tokens of embed_tokens only"),
+    ("trainable_token_indices", [1, 99], "outside the served vocabulary"),
+    ("trainable_token_indices", [1, 2], "trainable_token_indices and the weights disagree"),
+])
+def test_vocab_kind_config_errors(adapter_files, spec, kit, field, value, needle):
+    reject(kit.edit_config(adapter_files[0], **{field: value}), adapter_files[1], spec, needle)
+
+
+def test_modules_to_save_over_the_copy_budget(tmp_path, spec, kit):
+    import dataclasses
+
+    kit.save(tmp_path, modules_to_save=["embed_tokens", "lm_head"])
+    config, weights = kit.read(tmp_path)
+    load_peft_bytes(config, weights, spec)                       # 2 x 32 x 64 fp32 = 16 KiB fits the default
+    small = dataclasses.replace(spec, max_module_copy_bytes=10_000)
+    reject(config, weights, small, "16384 bytes", "10000", "--max-module-copy-bytes")
 
 
 def test_weights_not_covered_by_target_modules(adapter_files, spec, kit):

@@ -220,3 +220,23 @@ def test_load_inplace_serves_new_weights_and_never_stale_prefix_blocks(env):
         assert new == fresh != old
         versions = admin.get("/v1/adapters/policy").json()["versions"]
         assert [v["version"] for v in versions] == [2], "the old weights are gone, as in vLLM"
+
+
+def test_upload_dora_adapter_and_use_it(env, tiny_llama, tmp_path):
+    """A DoRA adapter uploads, shows its kind and size, and changes the output at once."""
+    import torch
+    from lorakit import ALL_MODULES, save_peft_kind
+    from transformers import AutoModelForCausalLM
+
+    server, keys, _, _, _ = env
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama[0], dtype=torch.float32)
+    files = read_dir(save_peft_kind(base, str(tmp_path / "dora"), seed=5, use_dora=True, target_modules=ALL_MODULES))
+    with server.client(keys["alice"]) as c:
+        r = upload(c, "dora-bot", files)
+        assert r.status_code == 201, r.text
+        body = r.json()
+        assert body["kinds"] == ["DoRA"] and body["bytes"] > 0 and body["copy_bytes"] == 0
+        tuned = complete(c, "dora-bot")
+        assert tuned.status_code == 200, tuned.text
+        assert tuned.json()["choices"][0]["text"] != complete(c, server.ctx.model_id).json()["choices"][0]["text"]
+        assert c.get("/v1/adapters/dora-bot").json()["kinds"] == ["DoRA"]

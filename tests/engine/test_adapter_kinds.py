@@ -1,0 +1,141 @@
+"""DoRA, LoRA on embed_tokens / lm_head, modules_to_save and trainable tokens, served in
+one mixed batch with plain LoRA and base rows, match HF transformers + PEFT at fp32 on
+every engine path (plain, chunked prefill, preemption, prefix-cache hits)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorakit import ALL_MODULES, PeftOracle, run_and_record, save_peft_kind
+from loraserve import SamplingParams
+
+from test_fidelity import PROMPTS, check_against_oracle, make_llm
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+PATHS = {"plain": {}, "chunked_prefill": {"max_num_batched_tokens": 7},
+         "preemption": {"num_kv_blocks": 10, "block_size": 4}}
+
+
+def kinds(tokenizer) -> dict[str, dict]:
+    ids = sorted({t for p in PROMPTS[:3] for t in tokenizer(p)["input_ids"][:3]})
+    return {
+        "plain": dict(target_modules=ALL_MODULES),
+        "dora": dict(use_dora=True, target_modules=ALL_MODULES + ["lm_head"]),
+        "embed_head": dict(target_modules=["embed_tokens", "lm_head", "q_proj", "v_proj"]),
+        "copies": dict(target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]),
+        "tokens": dict(target_modules=["q_proj"], trainable_token_indices=ids),
+    }
+
+
+PLAN = ["plain", None, "dora", "embed_head", "copies", "tokens", None, "dora"]
+
+
+class Oracles:
+    """One HF+PEFT model per adapter: PEFT cannot hold a lm_head LoRA and a lm_head copy at once."""
+
+    def __init__(self, base_dir, adapters):
+        self.by_name = {name: PeftOracle(base_dir, {name: path}) for name, path in adapters.items()}
+        self.base = PeftOracle(base_dir, {})
+
+    def logits(self, ids, adapter):
+        return (self.base if adapter is None else self.by_name[adapter]).logits(ids, adapter)
+
+
+@pytest.fixture(scope="module")
+def kinds_setup(tiny_models, tmp_path_factory):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir, _ = tiny_models["llama"]
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    root = tmp_path_factory.mktemp("kinds")
+    adapters = {name: save_peft_kind(base, str(root / name), seed=i + 11, **cfg)
+                for i, (name, cfg) in enumerate(kinds(AutoTokenizer.from_pretrained(base_dir)).items())}
+    return base_dir, adapters, Oracles(base_dir, adapters)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_mixed_kinds_match_peft(kinds_setup, path):
+    base_dir, adapters, oracle = kinds_setup
+    llm = make_llm(base_dir, adapters, max_loras=5, **PATHS[path])
+    outs, logits = run_and_record(llm, PROMPTS, PLAN, GREEDY)
+    check_against_oracle(oracle, outs, logits, PLAN)
+    stats = llm.engine.stats()
+    if path == "preemption":
+        assert stats.num_preemptions > 0, "the tiny pool was meant to force preemption"
+    assert stats.kv_blocks_used == 0
+
+
+def test_kinds_prefix_cache_hits_match_peft(kinds_setup):
+    base_dir, adapters, oracle = kinds_setup
+    llm = make_llm(base_dir, adapters, max_loras=5, block_size=4)
+    run_and_record(llm, PROMPTS, PLAN, GREEDY)
+    outs, logits = run_and_record(llm, PROMPTS, PLAN, GREEDY)
+    assert any(o.num_cached_tokens > 0 for o in outs)
+    check_against_oracle(oracle, outs, logits, PLAN)
+
+
+def test_each_kind_changes_the_output(kinds_setup):
+    """The oracle itself sees every adapter's effect (so the match above means something)."""
+    base_dir, adapters, oracle = kinds_setup
+    ids = list(range(1, 9))
+    base = oracle.logits(ids, None)
+    for name in adapters:
+        assert (oracle.logits(ids, name) - base).abs().max() > 1e-2, name
+
+
+def test_triton_backend_with_decode_graphs(kinds_setup):
+    """The Triton backend (interpreted on CPU) with decode graphs in place: steps with
+    these kinds run eagerly (the graphs hold none of them) and still match PEFT; a step
+    of plain adapters keeps replaying its graph."""
+    from loraserve.kernels import triton_kernels
+
+    base_dir, adapters, oracle = kinds_setup
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        triton_kernels(torch.device("cpu"))        # fails here without the interpreter
+    llm = make_llm(base_dir, adapters, max_loras=5, max_num_seqs=6, kernel_backend="triton",
+                   device="cuda" if cuda else "cpu")
+    runner = llm.engine.runner
+    if not cuda:                                   # emulate replay: same buffers, no graph
+        runner.graphs = runner.make_decode_graphs(llm.engine.max_model_len, capture=False)
+    replays = []
+    run = runner.graphs.run
+    runner.graphs.run = lambda step: replays.append(step.token_slots) or run(step)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    for plan in (["plain", "dora", None, "embed_head", "tokens", "copies"], ["plain", None]):
+        replays.clear()
+        outs, logits = run_and_record(llm, PROMPTS[: len(plan)], plan, params)
+        check_against_oracle(oracle, [o for o in outs], logits, plan)
+        assert bool(replays) == (plan == ["plain", None]), replays
+
+
+def test_tied_base_trainable_tokens_and_head_lora(tiny_models, tokenizer_dir, tmp_path_factory):
+    """On a tied base (SmolLM2's layout) PEFT ties trainable tokens to lm_head as well,
+    and LoRA on lm_head reads the shared weight: both still match."""
+    import glob
+    import os
+    import shutil
+
+    from lorakit import tiny_config
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("tied")
+    config = tiny_config("llama", 49152)
+    config.tie_word_embeddings = True
+    torch.manual_seed(3)
+    base = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    base_dir = str(root / "base")
+    base.save_pretrained(base_dir, safe_serialization=True)
+    for f in glob.glob(os.path.join(tokenizer_dir, "*token*")) + glob.glob(os.path.join(tokenizer_dir, "*.jinja")):
+        shutil.copy(f, base_dir)
+    ids = sorted({t for p in PROMPTS[:3] for t in AutoTokenizer.from_pretrained(base_dir)(p)["input_ids"][:3]})
+    adapters = {"tokens": save_peft_kind(base, str(root / "tokens"), seed=1, target_modules=["q_proj"],
+                                         trainable_token_indices=ids),
+                "embed_head": save_peft_kind(base, str(root / "eh"), seed=2,
+                                             target_modules=["embed_tokens", "lm_head", "v_proj"])}
+    oracle = Oracles(base_dir, adapters)
+    llm = make_llm(base_dir, adapters, max_loras=2)
+    plan = ["tokens", None, "embed_head", "tokens"]
+    outs, logits = run_and_record(llm, PROMPTS[:4], plan, GREEDY)
+    check_against_oracle(oracle, outs, logits, plan)
