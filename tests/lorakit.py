@@ -97,17 +97,20 @@ def save_tiny_model(model_type: str, out_dir: str, tokenizer_dir: str, seed: int
 
 
 def save_peft_adapter(base_model, out_dir: str, rank: int, alpha: int, use_rslora: bool,
-                      targets: list[str], seed: int) -> str:
-    """A PEFT adapter with random nonzero A and B, written by PEFT itself."""
+                      targets: list[str], seed: int, use_dora: bool = False) -> str:
+    """A PEFT adapter with random nonzero A and B (and, for DoRA, a magnitude 10% off the
+    base's column norms), written by PEFT itself."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     config = LoraConfig(r=rank, lora_alpha=alpha, use_rslora=use_rslora, target_modules=targets,
-                        init_lora_weights=False, lora_dropout=0.0)
+                        init_lora_weights=False, lora_dropout=0.0, use_dora=use_dora)
     model = get_peft_model(copy.deepcopy(base_model), config)
     with torch.no_grad():                 # keep deltas moderate so logits stay meaningful
         for name, p in model.named_parameters():
-            if "lora_" in name:
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn_like(p))
+            elif "lora_" in name:
                 p.mul_(0.5 / max(1.0, p.abs().max().item()))
     model.save_pretrained(out_dir)
     return out_dir

@@ -69,6 +69,20 @@ def test_mixed_batch_matches_peft(arch):
     check(oracle, outs, logits, PLAN)
 
 
+def test_dora_in_a_mixed_batch_matches_peft(arch, tmp_path):
+    """DoRA on each family's own projections (Phi-3: its fused qkv_proj and gate_up_proj,
+    whose magnitudes split by rows like B), beside base rows and plain LoRA."""
+    from transformers import AutoModelForCausalLM
+
+    model_type, base_dir, adapters, _ = arch
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    dora = {"dora": save_peft_adapter(base, str(tmp_path / "dora"), 8, 16, False, targets_of(model_type), seed=3,
+                                      use_dora=True), "r8": adapters["r8"]}
+    plan = ["dora", None, "r8", "dora"]
+    outs, logits = run_and_record(make_llm(base_dir, dora), PROMPTS, plan, GREEDY)
+    check(PeftOracle(base_dir, dora), outs, logits, plan)
+
+
 def test_chunked_prefill_and_prefix_cache_match_peft(arch):
     _, base_dir, adapters, oracle = arch
     llm = make_llm(base_dir, adapters, max_num_batched_tokens=7, block_size=4)
