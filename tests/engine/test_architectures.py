@@ -83,6 +83,18 @@ def test_dora_in_a_mixed_batch_matches_peft(arch, tmp_path):
     check(PeftOracle(base_dir, dora), outs, logits, plan)
 
 
+def test_preemption_matches_peft(arch):
+    """A KV pool too small for the batch: requests are preempted and recomputed (windowed
+    layers included) and still equal HF+PEFT; no block leaks."""
+    _, base_dir, adapters, oracle = arch
+    llm = make_llm(base_dir, adapters, num_kv_blocks=12, block_size=4)
+    outs, logits = run_and_record(llm, PROMPTS, PLAN, GREEDY)
+    check(oracle, outs, logits, PLAN)
+    stats = llm.engine.stats()
+    assert stats.num_preemptions > 0, "the tiny pool was meant to force preemption"
+    assert stats.kv_blocks_used == 0, "blocks leaked"
+
+
 def test_chunked_prefill_and_prefix_cache_match_peft(arch):
     _, base_dir, adapters, oracle = arch
     llm = make_llm(base_dir, adapters, max_num_batched_tokens=7, block_size=4)
