@@ -17,56 +17,22 @@ the threads. The torch backend builds it once at engine start (kernels/__init__.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
 import logging
-import os
-import platform
-import shutil
 from pathlib import Path
 
 import torch
 
-from . import cpu_attention
+from . import cpp_build, cpu_attention
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_paged_attention.cpp")
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]   # -fopenmp: at::parallel_for and the omp simd loops
 DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _build_dir() -> str:
-    """One build per source, flags, torch and CPU (as sgmv_cpu.py)."""
-    cpu = ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line for line in f if line.startswith("flags")), "")
-    key = hashlib.sha256(b"\0".join([
-        SOURCE.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode(),
-        platform.python_version().encode(), platform.machine().encode(), cpu.encode(),
-    ])).hexdigest()[:16]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "loraserve", "torch_extensions", f"cpu_paged_attention-{key}")
-
-
 def _build():
-    from torch.utils import cpp_extension
-
-    if shutil.which("ninja") is None:                  # the pip package's binary, off PATH in a
-        with contextlib.suppress(ImportError):         # virtualenv that is not activated
-            import ninja
-
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    build_dir = _build_dir()
-    if not os.path.isdir(build_dir):
-        logger.info("building the CPU paged-attention op once for this machine (~15 s) in %s", build_dir)
-    os.makedirs(build_dir, exist_ok=True)
-    return cpp_extension.load(
-        name="loraserve_cpu_paged_attention", sources=[str(SOURCE)], build_directory=build_dir,
-        extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False,
-    )
+    return cpp_build.load("cpu_paged_attention", SOURCE, "the CPU paged-attention op (~15 s)")
 
 
 @functools.cache

@@ -20,24 +20,19 @@ way, and for inputs the op does not take.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
 import logging
-import os
-import platform
-import shutil
 from pathlib import Path
 
 import torch
 
+from . import cpp_build
 from .lora_meta import LoRAMeta
 from .sgmv_grouped import add_lora_grouped
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("sgmv_cpu.cpp")
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]   # -fopenmp: at::parallel_for is OpenMP in the header
 # Segments longer than this go to ATen matmuls inside the op. Measured on SmolLM2 shapes
 # (rank 16, 2 cores, AVX-512 without AMX), one segment of n tokens, op vs ATen: bf16 n=512
 # 5.2 vs 5.5 ms, n=768 7.5 vs 6.9 (ATen's bf16 dot products pay off once weights are
@@ -45,37 +40,8 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp"]   # -fopenmp: at::parallel_for is 
 MAX_SEG_LEN = {torch.bfloat16: 512, torch.float32: 2048}
 
 
-def _build_dir() -> str:
-    """One build per source, flags, torch and CPU (-march=native code must not meet
-    another CPU through a shared home directory)."""
-    cpu = ""
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line for line in f if line.startswith("flags")), "")
-    key = hashlib.sha256(b"\0".join([
-        SOURCE.read_bytes(), " ".join(CFLAGS).encode(), torch.__version__.encode(),
-        platform.python_version().encode(), platform.machine().encode(), cpu.encode(),
-    ])).hexdigest()[:16]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "loraserve", "torch_extensions", f"sgmv_cpu-{key}")
-
-
 def _build():
-    from torch.utils import cpp_extension
-
-    if shutil.which("ninja") is None:                  # the pip package's binary, off PATH in a
-        with contextlib.suppress(ImportError):         # virtualenv that is not activated
-            import ninja
-
-            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    build_dir = _build_dir()
-    if not os.path.isdir(build_dir):
-        logger.info("building the CPU SGMV op once for this machine (~10 s) in %s", build_dir)
-    os.makedirs(build_dir, exist_ok=True)
-    return cpp_extension.load(
-        name="loraserve_sgmv_cpu", sources=[str(SOURCE)], build_directory=build_dir,
-        extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False,
-    )
+    return cpp_build.load("sgmv_cpu", SOURCE, "the CPU SGMV op (~10 s)")
 
 
 @functools.cache
