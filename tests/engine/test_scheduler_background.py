@@ -2,43 +2,17 @@
 lines take at most max_background_tokens of a step, and keep moving; without it they
 run at full speed."""
 
-from collections import Counter
+from schedkit import AnyAdapter, step
+from schedkit import prompt_seq as seq
 
-from loraserve.adapters.pin import Pin
 from loraserve.block_manager import BlockManager
 from loraserve.scheduler import BATCH_PRIORITY, INTERACTIVE_PRIORITY, Scheduler
 from loraserve.sequence import Sequence
 
 
-class AnyAdapter:
-    def __init__(self):
-        self.pins = Counter()
-
-    def try_pin(self, key):
-        self.pins[key] += 1
-        return Pin.PINNED
-
-    def is_pinned(self, key):
-        return key in self.pins
-
-    def unpin(self, key):
-        self.pins[key] -= 1
-
-
 def make(cap=4, hold=0, max_seqs=16, max_tokens=64) -> Scheduler:
     return Scheduler(BlockManager(256, 4), AnyAdapter(), max_seqs, max_tokens, max_background_tokens=cap,
                      background_hold_steps=hold)
-
-
-def seq(i, n, priority):
-    return Sequence(i, list(range(i * 100, i * 100 + n)), params=None, priority=priority)
-
-
-def step(sched: Scheduler):
-    batch = sched.schedule()
-    for s in sched.advance(batch):
-        s.output_token_ids.append(7)
-    return batch
 
 
 def background_tokens(batch) -> int:

@@ -1,29 +1,11 @@
 """Scheduling priorities with plain sequences: Batch API lines (BATCH_PRIORITY) run behind
 interactive requests, and give way to them, without ever holding them up."""
 
-from collections import Counter
+from schedkit import AnyAdapter, prompt_seq, step
 
-from loraserve.adapters.pin import Pin
 from loraserve.block_manager import BlockManager
 from loraserve.scheduler import BATCH_PRIORITY, INTERACTIVE_PRIORITY, Scheduler
-from loraserve.sequence import Sequence, SequenceStatus
-
-
-class AnyAdapter:
-    """Every adapter pins at once (slots are not what these tests are about)."""
-
-    def __init__(self):
-        self.pins = Counter()
-
-    def try_pin(self, key):
-        self.pins[key] += 1
-        return Pin.PINNED
-
-    def is_pinned(self, key):
-        return key in self.pins
-
-    def unpin(self, key):
-        self.pins[key] -= 1
+from loraserve.sequence import SequenceStatus
 
 
 def make(num_blocks=64, block_size=4, max_seqs=8, max_tokens=64) -> Scheduler:
@@ -31,18 +13,11 @@ def make(num_blocks=64, block_size=4, max_seqs=8, max_tokens=64) -> Scheduler:
 
 
 def batch_seq(i, n):
-    return Sequence(i, list(range(i * 100, i * 100 + n)), params=None, priority=BATCH_PRIORITY)
+    return prompt_seq(i, n, BATCH_PRIORITY)
 
 
 def interactive_seq(i, n):
-    return Sequence(i, list(range(i * 100, i * 100 + n)), params=None, priority=INTERACTIVE_PRIORITY)
-
-
-def step(sched: Scheduler):
-    batch = sched.schedule()
-    for s in sched.advance(batch):
-        s.output_token_ids.append(7)
-    return batch
+    return prompt_seq(i, n, INTERACTIVE_PRIORITY)
 
 
 def ids(items) -> list[int]:
