@@ -107,7 +107,12 @@ def test_triton_backend_with_decode_graphs(kinds_setup):
         replays.clear()
         outs, logits = run_and_record(llm, PROMPTS[: len(plan)], plan, params)
         check_against_oracle(oracle, [o for o in outs], logits, plan)
-        assert bool(replays) == (plan == ["plain", None]), replays
+        # a replayed step never holds a DoRA / vocabulary adapter (a base-only step may
+        # replay while those adapters still load in the background)
+        special = runner.slots.extras_slots
+        assert not [slots for slots in replays if set(slots) & special], (replays, special)
+        if plan == ["plain", None]:
+            assert replays, "a step of plain adapters replays its graph"
 
 
 def test_tied_base_trainable_tokens_and_head_lora(tiny_models, tokenizer_dir, tmp_path_factory):
