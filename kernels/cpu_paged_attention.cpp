@@ -123,6 +123,15 @@ inline float dot(const float* a, const float* b) {
 
 static_assert(kChunk == 2 * L, "a chunk's scores are two vectors");
 
+// Ask for one K/V row's cache lines ahead of use. Decode is bound by memory latency, not
+// bandwidth, without it: each work item walks blocks scattered over a pool far larger
+// than the caches, and two threads alone keep too few loads in flight.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t D) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t b = 0; b < D * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(p + b, 0, 1);
+}
+
 template <typename T, int NV>
 void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
             const at::Tensor& block_tables, const std::vector<Tile>& tiles, const std::vector<int64_t>& ctx_lens,
@@ -169,6 +178,24 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cache, con
       const int64_t lo = window > 0 ? std::max<int64_t>(0, tile.first_pos - window + 1) : 0;
       for (int64_t c0 = lo; c0 < hi; c0 += kChunk) {
         const int64_t n = std::min<int64_t>(kChunk, hi - c0);
+        if (c0 + kChunk < hi) {  // the next chunk's rows: blocks are scattered, so start their loads now
+          const int64_t n_next = std::min<int64_t>(kChunk, hi - c0 - kChunk);
+          for (int64_t j = 0; j < n_next; ++j) {
+            const int64_t pos = c0 + kChunk + j, block = table[pos / bs], off = pos % bs;
+            prefetch_row(kp + block * kb + off * kt + h_kv * kh, D);
+            prefetch_row(vp + block * vb + off * vt + h_kv * vh, D);
+          }
+        } else if (item + 1 < end) {  // the last chunk: the next item's first rows
+          const Tile& next = tiles[(item + 1) / H_kv];
+          const int64_t nh = (item + 1) % H_kv, n_hi = std::min(next.first_pos + next.n_tok, ctx_lens[next.seq]);
+          const int64_t n_lo = window > 0 ? std::max<int64_t>(0, next.first_pos - window + 1) : 0;
+          const int64_t* n_table = btp + next.seq * bt_st;
+          for (int64_t pos = n_lo; pos < std::min(n_lo + kChunk, n_hi); ++pos) {
+            const int64_t block = n_table[pos / bs], off = pos % bs;
+            prefetch_row(kp + block * kb + off * kt + nh * kh, D);
+            prefetch_row(vp + block * vb + off * vt + nh * vh, D);
+          }
+        }
         for (int64_t j = 0; j < n; ++j) {
           const int64_t pos = c0 + j, block = table[pos / bs], off = pos % bs;
           widen<NV>(kp + block * kb + off * kt + h_kv * kh, &kf[j * Dp], D);
