@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("module, sections", [
     ("benchmarks.lora_cpu", ["### decode shapes", "### rank-aware cost"]),
+    ("benchmarks.cpu_step", ["matmul peak", "| step / floor |"]),
     ("benchmarks.kernels", ["## LoRA decode", "## rank-aware LoRA", "## paged attention decode", "decode step"]),
 ])
 def test_smoke_run(module, sections):

@@ -108,4 +108,4 @@ def base_weight(model, layer: int, module: str) -> torch.Tensor:
     target = model.layers[layer]
     proj = {"qkv": target.attn.qkv, "o": target.attn.o, "gate_up": target.mlp.gate_up, "down": target.mlp.down}[group]
     offset, width = proj.lora.out_slices[GROUP_MODULES[group].index(module)]
-    return proj.weight.detach()[offset : offset + width]
+    return proj.dense_weight()[offset : offset + width]

@@ -18,6 +18,7 @@ from loraserve.adapters import LoRAGroup
 from loraserve.kernels import Kernels, LoRABlocks, LoRAMeta
 
 from . import adapter_extras
+from .base_weights import BaseWeight
 from .rope import rotate
 
 
@@ -59,7 +60,9 @@ class RMSNorm(nn.Module):
 
 class LoRAProjection(nn.Module):
     """y = x W^T (+ b) + the LoRA delta of each token's adapter slot. `name` is the slot
-    pool's group (qkv, o, gate_up, down); `lora` its buffers, attached after loading."""
+    pool's group (qkv, o, gate_up, down); `lora` its buffers, attached after loading.
+    `base` is W's serving format (base_weights.py), set after loading; until then the
+    loaded Parameters multiply as they are."""
 
     def __init__(self, name: str, in_features: int, out_features: int, bias: bool, kernels: Kernels):
         super().__init__()
@@ -67,9 +70,14 @@ class LoRAProjection(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.lora: LoRAGroup | None = None
+        self.base: BaseWeight | None = None
+
+    def dense_weight(self) -> torch.Tensor:
+        """W [out, in] as a plain matrix, whatever its serving format."""
+        return self.base.dense() if self.base is not None else self.weight.detach()
 
     def forward(self, x: torch.Tensor, batch: "ForwardBatch") -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base(x) if self.base is not None else F.linear(x, self.weight, self.bias)
         meta = batch.lora
         if meta.has_lora and self.lora is not None:
             g = self.lora

@@ -17,6 +17,7 @@ from loraserve.kernels import select_kernels
 from loraserve.sequence import Sequence
 
 from . import adapter_extras
+from .base_weights import pack_base_weights
 from .cuda_graphs import DecodeGraphs, DecodeInputs
 from .layers import ForwardBatch
 from .loader import load_state_dict
@@ -63,6 +64,8 @@ class ModelRunner:
         model = model.to_empty(device=self.device).to(self.dtype)
         model.load_hf_weights(load_state_dict(model_dir))
         model.init_rotary(self.dtype)
+        weight_bytes = pack_base_weights(model, batch_hint=config.max_num_seqs)
+        log.info("base projection weights: %.1f MB (%s)", weight_bytes / 2**20, self.dtype)
         model.attach_lora(slots.layers)
         slots.bind_base(functools.partial(adapter_extras.base_weight, model))   # DoRA's norms read the served W
         self.model = model.eval()
