@@ -53,7 +53,7 @@ def vllm_worker(job: dict) -> dict:
     plan = [loras[i % len(loras)] for i in range(len(prompts))]
 
     def run(reqs, lora, tokens):
-        params = SamplingParams(temperature=0.0, max_tokens=tokens, min_tokens=tokens, ignore_eos=True)
+        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)   # no min_tokens: it bans EOS, loraserve does not
         start = time.perf_counter()
         outs = llm.generate(reqs, params, lora_request=lora, use_tqdm=False)
         return time.perf_counter() - start, [list(o.outputs[0].token_ids) for o in outs]
