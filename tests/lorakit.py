@@ -183,3 +183,41 @@ def save_peft_kind(base_model, out_dir: str, seed: int, **lora_config) -> str:
                     p.add_(0.05 * torch.randn_like(p))
         model.save_pretrained(out_dir)
     return out_dir
+
+
+def leading_token_ids(base_dir: str, prompts: list[str], n: int = 3) -> list[int]:
+    """The first n token ids of each prompt, sorted and unique: what a trainable-tokens
+    adapter retrains so that the prompts use its rows."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    return sorted({t for p in prompts for t in tokenizer(p)["input_ids"][:n]})
+
+
+def adapter_kinds(model_type: str, token_ids: list[int]) -> dict[str, dict]:
+    """One LoraConfig (for save_peft_kind) of every adapter kind loraserve serves, in the
+    family's own module names (Phi-3: its fused qkv_proj, gate_up_proj); token_ids are
+    the ids the trainable-tokens adapter retrains."""
+    from loraserve.adapters.base_spec import LORA_MODULES
+    from loraserve.adapters.fused_layouts import model_targets
+
+    every, attn = model_targets(model_type, LORA_MODULES), model_targets(model_type, ("q_proj", "v_proj"))
+    return {
+        "plain": dict(target_modules=every),
+        "dora": dict(use_dora=True, target_modules=every + ["lm_head"]),
+        "embed_head": dict(target_modules=["embed_tokens", "lm_head"] + attn),
+        "copies": dict(target_modules=attn[:1], modules_to_save=["embed_tokens", "lm_head"]),
+        "tokens": dict(target_modules=attn[:1], trainable_token_indices=token_ids),
+    }
+
+
+class PeftOracles:
+    """One HF+PEFT model per adapter, same interface as PeftOracle: PEFT cannot hold a
+    lm_head LoRA and a lm_head copy (modules_to_save) at once."""
+
+    def __init__(self, base_dir: str, adapters: dict[str, str]):
+        self.by_name = {name: PeftOracle(base_dir, {name: path}) for name, path in adapters.items()}
+        self.base = PeftOracle(base_dir, {})
+
+    def logits(self, token_ids: list[int], adapter: str | None) -> torch.Tensor:
+        return (self.base if adapter is None else self.by_name[adapter]).logits(token_ids, adapter)

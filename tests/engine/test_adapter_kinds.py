@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorakit import ALL_MODULES, PeftOracle, run_and_record, save_peft_kind
+from lorakit import PeftOracles, adapter_kinds, leading_token_ids, run_and_record, save_peft_kind
 from loraserve import SamplingParams
 
 from test_fidelity import PROMPTS, check_against_oracle, make_llm
@@ -17,41 +17,19 @@ PATHS = {"plain": {}, "chunked_prefill": {"max_num_batched_tokens": 7},
          "preemption": {"num_kv_blocks": 10, "block_size": 4}}
 
 
-def kinds(tokenizer) -> dict[str, dict]:
-    ids = sorted({t for p in PROMPTS[:3] for t in tokenizer(p)["input_ids"][:3]})
-    return {
-        "plain": dict(target_modules=ALL_MODULES),
-        "dora": dict(use_dora=True, target_modules=ALL_MODULES + ["lm_head"]),
-        "embed_head": dict(target_modules=["embed_tokens", "lm_head", "q_proj", "v_proj"]),
-        "copies": dict(target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]),
-        "tokens": dict(target_modules=["q_proj"], trainable_token_indices=ids),
-    }
-
-
 PLAN = ["plain", None, "dora", "embed_head", "copies", "tokens", None, "dora"]
-
-
-class Oracles:
-    """One HF+PEFT model per adapter: PEFT cannot hold a lm_head LoRA and a lm_head copy at once."""
-
-    def __init__(self, base_dir, adapters):
-        self.by_name = {name: PeftOracle(base_dir, {name: path}) for name, path in adapters.items()}
-        self.base = PeftOracle(base_dir, {})
-
-    def logits(self, ids, adapter):
-        return (self.base if adapter is None else self.by_name[adapter]).logits(ids, adapter)
 
 
 @pytest.fixture(scope="module")
 def kinds_setup(tiny_models, tmp_path_factory):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     base_dir, _ = tiny_models["llama"]
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     root = tmp_path_factory.mktemp("kinds")
     adapters = {name: save_peft_kind(base, str(root / name), seed=i + 11, **cfg)
-                for i, (name, cfg) in enumerate(kinds(AutoTokenizer.from_pretrained(base_dir)).items())}
-    return base_dir, adapters, Oracles(base_dir, adapters)
+                for i, (name, cfg) in enumerate(adapter_kinds("llama", leading_token_ids(base_dir, PROMPTS[:3])).items())}
+    return base_dir, adapters, PeftOracles(base_dir, adapters)
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -123,7 +101,7 @@ def test_tied_base_trainable_tokens_and_head_lora(tiny_models, tokenizer_dir, tm
     import shutil
 
     from lorakit import tiny_config
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     root = tmp_path_factory.mktemp("tied")
     config = tiny_config("llama", 49152)
@@ -134,12 +112,12 @@ def test_tied_base_trainable_tokens_and_head_lora(tiny_models, tokenizer_dir, tm
     base.save_pretrained(base_dir, safe_serialization=True)
     for f in glob.glob(os.path.join(tokenizer_dir, "*token*")) + glob.glob(os.path.join(tokenizer_dir, "*.jinja")):
         shutil.copy(f, base_dir)
-    ids = sorted({t for p in PROMPTS[:3] for t in AutoTokenizer.from_pretrained(base_dir)(p)["input_ids"][:3]})
+    ids = leading_token_ids(base_dir, PROMPTS[:3])
     adapters = {"tokens": save_peft_kind(base, str(root / "tokens"), seed=1, target_modules=["q_proj"],
                                          trainable_token_indices=ids),
                 "embed_head": save_peft_kind(base, str(root / "eh"), seed=2,
                                              target_modules=["embed_tokens", "lm_head", "v_proj"])}
-    oracle = Oracles(base_dir, adapters)
+    oracle = PeftOracles(base_dir, adapters)
     llm = make_llm(base_dir, adapters, max_loras=2)
     plan = ["tokens", None, "embed_head", "tokens"]
     outs, logits = run_and_record(llm, PROMPTS[:4], plan, GREEDY)

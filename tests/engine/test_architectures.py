@@ -1,18 +1,21 @@
 """Every supported family against HF transformers + PEFT on the same tiny random weights,
 at fp32: one mixed batch of base rows and two adapters, then chunked prefill with a
-prefix-cache hit. Prompts outgrow the 8-token windows of Gemma 2/3 and Mistral, so
-windowed layers must window (a full-context answer differs)."""
+prefix-cache hit, and one batch of every adapter kind. Prompts outgrow the 8-token
+windows of Gemma 2/3 and Mistral, so windowed layers must window (a full-context answer
+differs)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from lorakit import PeftOracle, run_and_record, save_peft_adapter, save_tiny_model
+from lorakit import (PeftOracle, PeftOracles, adapter_kinds, leading_token_ids, run_and_record,
+                     save_peft_adapter, save_peft_kind, save_tiny_model)
 
 from loraserve import LLM, SamplingParams
 
 ATOL = 1e-3
 ARCHS = ["qwen3", "gemma2", "gemma3_text", "mistral", "phi3"]
+EVERY_MODEL_TYPE = ["llama", "qwen2", *ARCHS]      # loraserve/model/registry.py's list
 PROMPTS = [
     "Once upon a time there was a king who had three daughters, and the youngest",
     "The quick brown fox jumps over the lazy dog because",
@@ -81,6 +84,33 @@ def test_dora_in_a_mixed_batch_matches_peft(arch, tmp_path):
     plan = ["dora", None, "r8", "dora"]
     outs, logits = run_and_record(make_llm(base_dir, dora), PROMPTS, plan, GREEDY)
     check(PeftOracle(base_dir, dora), outs, logits, plan)
+
+
+KINDS_PLAN = ["plain", None, "dora", "embed_head", "copies", "tokens"]
+
+
+@pytest.mark.parametrize("arch", EVERY_MODEL_TYPE, indirect=True)
+def test_every_adapter_kind_in_one_batch_matches_peft(arch, tmp_path):
+    """Base rows, plain LoRA, DoRA (lm_head too), LoRA on embed_tokens and lm_head,
+    modules_to_save copies of both and trainable tokens, in one batch, on every family.
+    Gemma 2/3 tie lm_head to embed_tokens: PEFT (without ensure_weight_tying) gives each
+    its own copy / LoRA over the shared base matrix, ties trainable tokens to lm_head,
+    and scales embed_tokens' parts by sqrt(hidden) like the base rows."""
+    from transformers import AutoModelForCausalLM
+
+    model_type, base_dir, _, _ = arch
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    prompts = PROMPTS + ["Paris is the capital of", "1, 2, 3, 4,"]
+    configs = adapter_kinds(model_type, leading_token_ids(base_dir, prompts))
+    adapters = {name: save_peft_kind(base, str(tmp_path / name), seed=i + 21, **cfg)
+                for i, (name, cfg) in enumerate(configs.items())}
+    oracle = PeftOracles(base_dir, adapters)
+    outs, logits = run_and_record(make_llm(base_dir, adapters, max_loras=len(adapters)), prompts, KINDS_PLAN, GREEDY)
+    check(oracle, outs, logits, KINDS_PLAN)
+    for out, adapter in zip(outs, KINDS_PLAN):             # each kind visibly moves the oracle's logits
+        full = out.prompt_token_ids + out.token_ids
+        if adapter is not None:
+            assert (oracle.logits(full, adapter) - oracle.logits(full, None)).abs().max() > 1e-2, adapter
 
 
 def test_preemption_matches_peft(arch):
