@@ -168,6 +168,18 @@ class SlotPool:
     def num_used(self) -> int:
         return len(self.slot_of)
 
+    @property
+    def device_bytes(self) -> int:
+        """Bytes of the slot buffers (every tensor of every layer's groups; vocab parts aside)."""
+        total = 0
+        for groups in self.layers:
+            for group in groups.values():
+                for value in vars(group).values():
+                    for t in value if isinstance(value, list) else [value]:
+                        if isinstance(t, torch.Tensor):
+                            total += t.numel() * t.element_size()
+        return total
+
     def _reserve(self, key: str, adapter) -> None:
         if not self.free:
             victim, _ = self.unpinned.popitem(last=False)

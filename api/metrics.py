@@ -125,6 +125,9 @@ class EngineCollector:
         "adapter_slots_used": ("loraserve_adapter_slots_used", "device adapter slots holding an adapter"),
         "adapter_slots_total": ("loraserve_adapter_slots_total", "device adapter slots"),
         "adapter_slots_pinned": ("loraserve_adapter_slots_pinned", "device adapter slots pinned by running requests"),
+        "base_weight_bytes": ("loraserve_base_weight_bytes", "bytes of the base's projection weights as served "
+                              "(set by --quantization)"),
+        "adapter_slot_bytes": ("loraserve_adapter_slot_bytes", "bytes of the device adapter slot buffers"),
     }
     COUNTERS = {
         "adapter_loads": ("loraserve_adapter_loads", "adapters copied into a device slot"),

@@ -9,11 +9,15 @@ import argparse
 import dataclasses
 import sys
 
-from .config import DTYPES, KERNEL_BACKENDS, EngineConfig
+from .config import DTYPES, KERNEL_BACKENDS, QUANTIZATIONS, EngineConfig
 
 ENGINE_FLAGS = {
     "model": "local HF directory, .gguf file or hub id (default: the embedded SmolLM2-135M-Instruct, no network needed)",
     "dtype": "weights and activations dtype; auto = bfloat16 (fast on CPUs with AMX and on GPUs)",
+    "quantization": "weight-only quantization of the base's linear layers (activations and adapters stay in "
+                    "--dtype): int8 = per output channel, int4 = groups of 128/64/32 inputs, through torch's "
+                    "packed CPU kernels; auto = a .gguf file's own precision (Q4_0/Q4_1 blocks served as they "
+                    "are, Q8_0 as int8), none for other models; none = --dtype weights",
     "device": "cpu, cuda, or auto (cuda when available)",
     "seed": "seed for requests that do not set their own",
     "max_model_len": "longest prompt + output in tokens (default: the model's, at most 4096)",
@@ -41,6 +45,8 @@ ENGINE_FLAGS = {
                       "LoRA op on CPU); triton on CPU runs them through Triton's interpreter (TRITON_INTERPRET=1, slow)",
 }
 
+CHOICES = {"dtype": DTYPES, "kernel_backend": KERNEL_BACKENDS, "quantization": QUANTIZATIONS}
+
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
@@ -49,9 +55,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help_text = ENGINE_FLAGS[f.name] + (f" (default: {f.default})" if f.default is not None else "")
         if f.type in ("bool", bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
-        elif f.name in ("dtype", "kernel_backend"):
-            choices = DTYPES if f.name == "dtype" else KERNEL_BACKENDS
-            group.add_argument(flag, choices=choices, default=f.default, help=help_text)
+        elif f.name in CHOICES:
+            group.add_argument(flag, choices=CHOICES[f.name], default=f.default, help=help_text)
         else:
             kind = int if "int" in str(f.type) else str
             group.add_argument(flag, type=kind, default=f.default, help=help_text)

@@ -6,12 +6,14 @@ from dataclasses import dataclass
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KERNEL_BACKENDS = ("auto", "triton", "torch")   # kernels/__init__.py select_kernels
+QUANTIZATIONS = ("none", "int8", "int4", "auto")  # model/quantize.py; auto = a GGUF file's own precision
 
 
 @dataclass
 class EngineConfig:
     model: str | None = None           # HF dir, .gguf file, hub id; None = embedded SmolLM2
     dtype: str = "auto"                 # auto = bfloat16 (AMX on CPU, tensor cores on GPU)
+    quantization: str = "none"          # base projections: none, int8, int4 (weight-only), auto
     device: str = "auto"                # auto = cuda when available, else cpu
     seed: int = 0
     max_model_len: int | None = None    # None = min(model's context, 4096)
@@ -35,6 +37,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization {self.quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(f"kernel_backend {self.kernel_backend!r} is not one of {', '.join(KERNEL_BACKENDS)}")
         checks = {

@@ -72,7 +72,7 @@ class LLMEngine:
         self.adapters = AdapterRegistry(self.store, config.max_loras, config.max_cpu_loras,
                                         resolve_dtype(config.dtype, device), device, hooks.adapter_load)
         self.slots = self.adapters.slots
-        self.runner = ModelRunner(config, self.hf_config, source.local_dir, wanted, self.slots, hooks)
+        self.runner = ModelRunner(config, self.hf_config, source, wanted, self.slots, hooks)
         # one request must always fit the KV pool, or preemption could never make room
         self.max_model_len = min(wanted, self.runner.num_blocks * config.block_size)
         self.blocks = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
@@ -85,9 +85,9 @@ class LLMEngine:
         # a prompt id must be a token the tokenizer decodes and the embedding holds
         self.vocab_bound = min(len(self.tokenizer), self.hf_config.vocab_size)
         self._ids = itertools.count()
-        log.info("model %s: %d KV blocks of %d tokens, %d adapter slots of rank %d, %s on %s",
+        log.info("model %s: %d KV blocks of %d tokens, %d adapter slots of rank %d (%.1f MB), %s on %s",
                  self.model_id, self.runner.num_blocks, config.block_size, config.max_loras,
-                 config.max_lora_rank, self.runner.dtype, self.runner.device)
+                 config.max_lora_rank, self.slots.device_bytes / 2**20, self.runner.dtype, self.runner.device)
 
     # -- adapters ------------------------------------------------------------------------
     def add_adapter(self, name: str, path: str, tenant: str = DEFAULT_TENANT) -> AdapterRecord:
@@ -307,6 +307,8 @@ class LLMEngine:
             cpu_hits=cpu.num_hits,
             disk_loads=cpu.num_loads,
             disk_load_seconds=cpu.load_seconds_total,
+            base_weight_bytes=self.runner.base_weight_bytes,
+            adapter_slot_bytes=self.slots.device_bytes,
             resident=self.adapters.resident(),
         )
 

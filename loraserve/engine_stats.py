@@ -28,6 +28,8 @@ class EngineStats:
     cpu_hits: int = 0                   # ... by the CPU cache
     disk_loads: int = 0                 # ... read from the store on disk
     disk_load_seconds: float = 0.0      # total time of those reads
+    base_weight_bytes: int = 0          # the base's projection weights as served (set by --quantization)
+    adapter_slot_bytes: int = 0         # the device slot pool's buffers
     resident: dict[str, list[str]] = field(default_factory=dict)   # tier -> adapter keys held there
 
     @classmethod

@@ -2,6 +2,9 @@
 and the matmul library, rewritten once after loading (`pack_base_weights`).
 
 - `PlainWeight`: `F.linear` on the [out, in] matrix as loaded (CUDA, fp32, fp16).
+- `Int8Weight` / `Int4Weight`: weight-only quantized (`--quantization`, quantize.py) on
+  CPU through torch's packed-weight kernels (`_weight_int8pack_mm`,
+  `_weight_int4pack_mm_for_cpu`); activations stay in the model dtype.
 - `PackedWeight`: bf16 on CPU. torch's `F.linear` hands a bf16 matmul to oneDNN, which
   reorders the weight into its blocked layout on every call; at decode shapes (M = the
   batch's tokens, K and N of a 135M model) that reorder is a fifth of the call. Packing
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .quantize import BITS, QuantizedRows, quantize
 
 
 class PlainWeight:
@@ -55,7 +60,51 @@ class PackedWeight:
         return self.shape.numel() * self.dtype.itemsize + _nbytes(self.bias)
 
 
-BaseWeight = PlainWeight | PackedWeight
+class Int8Weight:
+    """int8 codes per output channel; y = (x @ codes^T) * scale, in x's dtype."""
+
+    def __init__(self, q: QuantizedRows, bias: torch.Tensor | None, dtype: torch.dtype):
+        self.q, self.bias, self.dtype = q, bias, dtype
+        self.codes = q.codes.contiguous()
+        self.scales = q.scales.view(-1).to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.codes, self.scales)
+        y = y.view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+    def dense(self) -> torch.Tensor:
+        return self.q.dequantize().to(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.codes) + _nbytes(self.scales) + _nbytes(self.bias)
+
+
+class Int4Weight:
+    """int4 codes in groups along the input, packed once into the CPU kernel's layout."""
+
+    def __init__(self, q: QuantizedRows, bias: torch.Tensor | None, dtype: torch.dtype):
+        self.q, self.bias, self.dtype, self.group = q, bias, dtype, q.group
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(q.codes.to(torch.int32).contiguous(), 2)
+        # [in // group, out, 2]: (scale, zero) pairs, the kernel's form
+        self.scales_and_zeros = torch.stack([q.scales, q.zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.packed, self.group,
+                                              self.scales_and_zeros)
+        y = y.view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+    def dense(self) -> torch.Tensor:
+        return self.q.dequantize().to(self.dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.packed) + _nbytes(self.scales_and_zeros) + _nbytes(self.bias)
+
+
+BaseWeight = PlainWeight | PackedWeight | Int8Weight | Int4Weight
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -68,18 +117,25 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def pack_base_weights(model: torch.nn.Module, batch_hint: int) -> int:
-    """Give every LoRA projection of `model` its base-weight format (packed where
-    `can_pack`, else plain), dropping the loaded Parameters. Returns the weight bytes."""
+def pack_base_weights(model: torch.nn.Module, batch_hint: int, quantization: str = "none",
+                      quantized: dict[str, QuantizedRows] | None = None) -> int:
+    """Give every LoRA projection of `model` its base-weight format, dropping the loaded
+    Parameters; returns the weight bytes. `quantization` int8/int4 quantizes each
+    projection (from `quantized[name]` when given: a GGUF file's own blocks, else from
+    its dense weight); none packs where `can_pack`, else plain."""
     from .layers import LoRAProjection
 
     total = 0
-    for proj in model.modules():
+    for name, proj in model.named_modules():
         if not isinstance(proj, LoRAProjection):
             continue
         weight = proj.weight.detach()
         bias = None if proj.bias is None else proj.bias.detach()
-        if can_pack(weight.device, weight.dtype):
+        if quantization in BITS:
+            q = (quantized or {}).get(name) or quantize(weight, BITS[quantization])
+            fmt = Int8Weight if q.bits == 8 else Int4Weight
+            proj.base = fmt(q, bias, weight.dtype)
+        elif can_pack(weight.device, weight.dtype):
             proj.base = PackedWeight(weight, bias, batch_hint)
         else:
             proj.base = PlainWeight(weight, bias)

@@ -31,6 +31,7 @@ EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 class ModelSource:
     model_id: str          # the name the API reports
     local_dir: str         # an HF-layout directory: config.json, tokenizer, *.safetensors
+    gguf_path: str | None = None   # the .gguf file local_dir was converted from (--quantization auto reads its blocks)
 
 
 def default_cache_dir() -> str:
@@ -53,9 +54,10 @@ def embedded_gguf_path() -> str:
 def resolve_model(model: str | None, cache_dir: str | None = None) -> ModelSource:
     cache_dir = cache_dir or default_cache_dir()
     if model is None:
-        return ModelSource(EMBEDDED_NAME, _converted_gguf(embedded_gguf_path(), cache_dir))
+        path = embedded_gguf_path()
+        return ModelSource(EMBEDDED_NAME, _converted_gguf(path, cache_dir), path)
     if model.endswith(".gguf") and os.path.isfile(model):
-        return ModelSource(os.path.basename(model)[: -len(".gguf")], _converted_gguf(model, cache_dir))
+        return ModelSource(os.path.basename(model)[: -len(".gguf")], _converted_gguf(model, cache_dir), model)
     if os.path.isdir(model):
         if not glob.glob(os.path.join(model, "*.safetensors")):
             raise FileNotFoundError(f"{model} holds no *.safetensors weights (pickled .bin weights are not loaded)")
@@ -84,8 +86,13 @@ def _converted_gguf(gguf_path: str, cache_dir: str) -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = os.path.split(os.path.abspath(gguf_path))
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    except Exception as e:   # not a GGUF file, an architecture or a block type transformers cannot read
+        raise ValueError(f"cannot load {gguf_path} through transformers' GGUF loader ({type(e).__name__}: {e}); "
+                         "loraserve serves GGUF files of the architectures and tensor types transformers "
+                         "dequantizes: convert it with llama.cpp to one of those, or pass an HF directory") from e
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".tmp-")
     try:

@@ -18,9 +18,10 @@ from loraserve.sequence import Sequence
 
 from . import adapter_extras
 from .base_weights import pack_base_weights
+from .quantize import resolve_quantization, served_blocks
 from .cuda_graphs import DecodeGraphs, DecodeInputs
 from .layers import ForwardBatch
-from .loader import load_state_dict
+from .loader import ModelSource, load_state_dict
 from .registry import model_class
 
 log = logging.getLogger(__name__)
@@ -47,25 +48,35 @@ def resolve_device(name: str) -> torch.device:
 
 def check_supported(hf_config) -> None:
     model_class(hf_config)
+    qc = getattr(hf_config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if method not in (None, "gguf"):      # a GGUF conversion's config names its file, its weights are plain
+        raise ValueError(
+            f"the model is a pre-quantized {method!r} checkpoint, which loraserve does not load: serve its "
+            f"unquantized checkpoint with --quantization int8 or int4 (weight-only, quantized at start), "
+            f"or a GGUF file with --quantization auto")
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, hf_config, model_dir: str, max_model_len: int, slots: SlotPool,
+    def __init__(self, config: EngineConfig, hf_config, source: ModelSource, max_model_len: int, slots: SlotPool,
                  hooks: EngineHooks | None = None):
         check_supported(hf_config)
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.quantization = resolve_quantization(config.quantization, source.gguf_path, self.device)
         self.slots = slots
         self.block_size = config.block_size
         self.kernels = select_kernels(self.device, config.kernel_backend)   # on CPU: builds the LoRA op once
         with torch.device("meta"):
             model = model_class(hf_config)(hf_config, max_model_len, self.kernels)
         model = model.to_empty(device=self.device).to(self.dtype)
-        model.load_hf_weights(load_state_dict(model_dir))
+        model.load_hf_weights(load_state_dict(source.local_dir))
         model.init_rotary(self.dtype)
-        weight_bytes = pack_base_weights(model, batch_hint=config.max_num_seqs)
-        log.info("base projection weights: %.1f MB (%s)", weight_bytes / 2**20, self.dtype)
+        blocks = served_blocks(model, self.quantization, source.gguf_path, hf_config)
+        self.base_weight_bytes = pack_base_weights(model, config.max_num_seqs, self.quantization, blocks)
+        log.info("base projection weights: %.1f MB (%s, quantization %s)", self.base_weight_bytes / 2**20,
+                 self.dtype, self.quantization)
         model.attach_lora(slots.layers)
         slots.bind_base(functools.partial(adapter_extras.base_weight, model))   # DoRA's norms read the served W
         self.model = model.eval()

@@ -343,9 +343,10 @@ def test_metrics_expose_every_family(server, base):
                  "loraserve_num_requests_waiting", "loraserve_kv_blocks_used", "loraserve_kv_blocks_total",
                  "loraserve_adapter_slots_used", "loraserve_adapter_slots_total", "loraserve_adapter_loads",
                  "loraserve_adapter_evictions", "loraserve_adapter_load_seconds", "loraserve_adapter_tier_hits",
-                 "loraserve_adapter_resident"):
+                 "loraserve_adapter_resident", "loraserve_base_weight_bytes", "loraserve_adapter_slot_bytes"):
         assert name in families, name
     ttft = {s.name: s.value for s in families["loraserve_time_to_first_token_seconds"].samples}
     assert ttft["loraserve_time_to_first_token_seconds_count"] >= 1
     assert server.metric("loraserve_generation_tokens_total", adapter=base) >= 4
     assert server.metric("loraserve_kv_blocks_total") == 64
+    assert server.metric("loraserve_base_weight_bytes") > 0 and server.metric("loraserve_adapter_slot_bytes") > 0
