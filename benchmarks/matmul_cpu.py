@@ -5,8 +5,9 @@ same run: what loraserve/model/base_weights.py picks, and the losers' figures.
     python -m benchmarks.matmul_cpu --smoke     # tiny: checks that the script runs
 
 Candidates: bf16 weights pre-packed once for oneDNN (`mkldnn._linear_pointwise`), fp32
-weights pre-packed for MKL (`mkl._mkl_linear`), and int8 weight-only (`_weight_int8pack_mm`,
-per-channel scales) for comparison with the quantization issue. Each call is timed
+weights pre-packed for MKL (`mkl._mkl_linear`), and the served weight-only formats of
+--quantization: int8 per channel (`_weight_int8pack_mm`) and int4 in groups
+(`_weight_int4pack_mm_for_cpu`), built as base_weights.py builds them. Each call is timed
 alternately with F.linear (median of rounds); M is the step's token count, so decode
 batches are the shapes that matter.
 """
@@ -20,6 +21,9 @@ import time
 import torch
 import torch.nn.functional as F
 
+from loraserve.model.base_weights import Int4Weight, Int8Weight
+from loraserve.model.quantize import quantize_int4, quantize_int8
+
 SHAPES = {"qkv": (576, 960), "o": (576, 576), "gate_up": (576, 3072), "down": (1536, 576), "lm_head": (576, 49152)}
 SMOKE_SHAPES = {"qkv": (64, 96), "down": (128, 64)}
 
@@ -30,9 +34,9 @@ def candidates(w: torch.Tensor, m: int) -> dict:
     if w.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
         packed = torch.ops.mkldnn._reorder_linear_weight(w, m)
         out["oneDNN packed"] = lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
-        scale = w.float().abs().amax(1).clamp(min=1e-8) / 127
-        q = (w.float() / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-        out["int8 weight-only"] = lambda x: torch._weight_int8pack_mm(x, q, scale.to(w.dtype))
+    # the served quantized formats (--quantization), as the engine builds them
+    out["int8 weight-only"] = Int8Weight(quantize_int8(w), None, w.dtype)
+    out["int4 weight-only"] = Int4Weight(quantize_int4(w), None, w.dtype)
     if w.dtype == torch.float32 and torch.backends.mkl.is_available():
         packed = torch.ops.mkl._mkl_reorder_linear_weight(w, m)
         out["MKL packed"] = lambda x: torch.ops.mkl._mkl_linear(x, packed, w, None, m)

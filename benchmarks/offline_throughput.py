@@ -15,6 +15,13 @@ overhead ratio. Adapters are loaded before timing: cold loads are adapter_scalin
 --adapter-kinds measures adapters of other kinds (DoRA; LoRA on embed_tokens and lm_head
 as well as the projections) on the same prompts and plan, each against plain LoRA.
 
+--quantizations and --lora-dtypes measure every base quantization x adapter-slot dtype
+pair on the same workload, each against the unquantized base with model-dtype slots,
+with the resident bytes of the base weights and of the slot pool, and how many adapters
+of this rank a fixed slot budget (--slot-budget-mb) holds:
+
+    python -m benchmarks.offline_throughput --dtypes bfloat16 --skip-hf --quantizations none,int8,int4 --lora-dtypes auto,int8
+
 On CUDA both systems run on the GPU; loraserve replays CUDA graphs for decode unless
 --enforce-eager (run both to see what the graphs buy).
 """
@@ -57,6 +64,12 @@ def parse_args(argv=None):
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: decode without CUDA graphs")
     p.add_argument("--adapter-kinds", default="lora",
                    help=f"comma-separated adapter kinds to measure, each against plain LoRA: {', '.join(ADAPTER_KINDS)}")
+    p.add_argument("--quantizations", default="none",
+                   help="comma-separated base quantizations to measure (none, int8, int4, auto), each against none")
+    p.add_argument("--lora-dtypes", default="auto",
+                   help="comma-separated adapter slot dtypes to measure (auto = the model dtype, int8)")
+    p.add_argument("--slot-budget-mb", type=float, default=256.0,
+                   help="slot memory for the 'adapters that fit' column (MB)")
     p.add_argument("--profile", action="store_true",
                    help="also print torch.profiler's op table for 3 decode steps, with and without adapters")
     args = p.parse_args(argv)
@@ -70,14 +83,14 @@ def parse_args(argv=None):
     return args
 
 
-def run_loraserve(dtype, prompts, adapter_dirs, plan, args) -> tuple[float, float]:
+def run_loraserve(dtype, prompts, adapter_dirs, plan, args, **engine) -> tuple[float, float]:
     """(LoRA tok/s, base tok/s) on one engine: every adapter is loaded first (cold loads
     are adapter_scaling.py's subject), then the mixed-adapter and the no-adapter workloads
     alternate for `--rounds` rounds and the best of each counts, so drift in the machine
     or the process hits both alike."""
     # prefix caching off: rounds repeat the same prompts, which must not hit cached blocks
-    llm = LLM(model=args.model_dir, dtype=dtype, max_loras=max(1, len(adapter_dirs)), max_lora_rank=args.max_lora_rank or args.rank,
-              max_num_seqs=args.num_requests, enable_prefix_caching=False, enforce_eager=args.enforce_eager)
+    llm = LLM(model=args.model, dtype=dtype, max_loras=max(1, len(adapter_dirs)), max_lora_rank=args.max_lora_rank or args.rank,
+              max_num_seqs=args.num_requests, enable_prefix_caching=False, enforce_eager=args.enforce_eager, **engine)
     for name, path in adapter_dirs.items():
         llm.add_adapter(name, path)
     params = SamplingParams(max_tokens=args.gen_tokens, temperature=0, ignore_eos=True)
@@ -94,6 +107,7 @@ def run_loraserve(dtype, prompts, adapter_dirs, plan, args) -> tuple[float, floa
     if args.profile:
         for kind, adapters in (("lora", plan), ("base", [None] * len(plan))):
             profile_decode(llm, prompts, adapters, kind, dtype)
+    args.last_stats = llm.engine.stats()
     return best["lora"], best["base"]
 
 
@@ -152,7 +166,7 @@ def main(argv=None):
             args.model = write_random_model(os.path.join(tmp, "model"), args.random_model,
                                             args.tokenizer or resolve_model(None).local_dir)
         source = resolve_model(args.model)
-        args.model_dir = model_dir = source.local_dir
+        model_dir = source.local_dir
         hf_config = load_config(model_dir)
         prompts = random_prompts(args.num_requests, args.min_prompt, args.max_prompt, hf_config.vocab_size)
         kind_dirs = {kind: {f"a{i}": write_adapter(os.path.join(tmp, kind, f"a{i}"), hf_config, source.model_id,
@@ -176,6 +190,26 @@ def main(argv=None):
                 other, other_base = run_loraserve(dtype, prompts, kind_dirs[kind], plan, args)
                 print(f"  {kind:<12} {other:>11.1f} tok/s ({other_base:.1f} base in its engine): "
                       f"{other / lora:.2f}x plain LoRA's rate, LoRA/base {other / other_base:.2f}", flush=True)
+            if args.quantizations != "none" or args.lora_dtypes != "auto":
+                memory_matrix(dtype, prompts, adapter_dirs, plan, args)
+
+
+def memory_matrix(dtype, prompts, adapter_dirs, plan, args) -> None:
+    """Every quantization x slot dtype pair, against none x auto measured in the same run."""
+    print(f"  {'quant':<6} {'slots':<6} {'LoRA tok/s':>10} {'base tok/s':>10} {'LoRA vs ref':>11} {'base vs ref':>11} "
+          f"{'base MB':>8} {'slots MB':>8} {'adapters/budget':>15}")
+    ref = None
+    pairs = [("none", "auto")] + [(q, s) for q in args.quantizations.split(",") for s in args.lora_dtypes.split(",")
+                                  if (q, s) != ("none", "auto")]
+    for quant, slots in pairs:
+        engine = {"quantization": quant} | ({} if slots == "auto" else {"lora_dtype": slots})
+        lora, base = run_loraserve(dtype, prompts, adapter_dirs, plan, args, **engine)
+        stats = args.last_stats
+        ref = ref or (lora, base)
+        per_adapter = stats.adapter_slot_bytes / stats.adapter_slots_total
+        fit = int(args.slot_budget_mb * 2**20 // per_adapter)
+        print(f"  {quant:<6} {slots:<6} {lora:>10.1f} {base:>10.1f} {lora / ref[0]:>10.2f}x {base / ref[1]:>10.2f}x "
+              f"{stats.base_weight_bytes / 2**20:>8.1f} {stats.adapter_slot_bytes / 2**20:>8.1f} {fit:>15}", flush=True)
 
 
 if __name__ == "__main__":

@@ -177,3 +177,24 @@ def test_bad_quantization_values_are_refused_at_start(tmp_path, tiny_models):
     not_gguf.write_bytes(b"this is not a GGUF file")
     with pytest.raises(ValueError, match="broken.gguf through transformers' GGUF loader"):
         loader.resolve_model(str(not_gguf), cache_dir=str(tmp_path / "cache"))
+
+
+def test_every_adapter_kind_serves_on_an_int4_base(tiny_models, tmp_path_factory):
+    """DoRA (its norms read the served, dequantized W), embed/lm_head LoRA, modules_to_save
+    copies and trainable tokens on an int4 base, mixed with base rows, against HF+PEFT on
+    the same dequantized weights."""
+    from transformers import AutoModelForCausalLM
+
+    from lorakit import PeftOracles, adapter_kinds, leading_token_ids, run_and_record, save_peft_kind
+
+    base_dir, _ = tiny_models["llama"]
+    ref_dir = dequantized_copy(base_dir, str(tmp_path_factory.mktemp("deq4") / "base"), "int4")
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    root = tmp_path_factory.mktemp("kinds4")
+    kinds = adapter_kinds("llama", leading_token_ids(base_dir, PROMPTS[:3]))
+    adapters = {name: save_peft_kind(base, str(root / name), seed=i + 31, **cfg)
+                for i, (name, cfg) in enumerate(kinds.items())}
+    plan = [None] + list(adapters) + [None]
+    llm = make_llm(base_dir, adapters, quantization="int4", max_loras=len(adapters))
+    outs, logits = run_and_record(llm, PROMPTS[: len(plan)], plan, GREEDY)
+    check_against_oracle(PeftOracles(ref_dir, adapters), outs, logits, plan)
