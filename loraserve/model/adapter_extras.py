@@ -75,11 +75,10 @@ def apply_dora(y: torch.Tensor, linear: nn.Module, group: LoRAGroup, extras: Ste
     return y
 
 
-def compute_logits(hidden: torch.Tensor, weight: torch.Tensor, tied: bool, extras: StepExtras | None) -> torch.Tensor:
-    """hidden [S, hidden] of the sampled rows -> logits [S, vocab], each row through its
-    adapter's lm_head: a full copy, LoRA (DoRA-rescaled when it has a scale), and with a
-    tied base, its trainable tokens' rows (PEFT ties them to lm_head too)."""
-    logits = F.linear(hidden, weight)
+def compute_logits(hidden: torch.Tensor, logits: torch.Tensor, tied: bool, extras: StepExtras | None) -> torch.Tensor:
+    """The base's logits [S, vocab] of the sampled rows (hidden [S, hidden]), each row
+    changed by its adapter's lm_head: a full copy, LoRA (DoRA-rescaled when it has a
+    scale), and with a tied base, its trainable tokens' rows (PEFT ties them to lm_head too)."""
     if extras is None:
         return logits
     for slot, rows in extras.sample_rows.items():
@@ -103,7 +102,7 @@ def base_weight(model, layer: int, module: str) -> torch.Tensor:
     (q,k,v -> qkv; gate,up -> gate_up); layer -1 with "lm_head" is the output embedding.
     Bound to the slot pool for DoRA's norms."""
     if module == "lm_head":
-        return (model.embed if model.tie else model.lm_head).weight.detach()
+        return model.output_weight()
     group = next(g for g, modules in GROUP_MODULES.items() if module in modules)
     target = model.layers[layer]
     proj = {"qkv": target.attn.qkv, "o": target.attn.o, "gate_up": target.mlp.gate_up, "down": target.mlp.down}[group]

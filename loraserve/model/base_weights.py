@@ -5,12 +5,15 @@ and the matmul library, rewritten once after loading (`pack_base_weights`).
 - `Int8Weight` / `Int4Weight`: weight-only quantized (`--quantization`, quantize.py) on
   CPU through torch's packed-weight kernels (`_weight_int8pack_mm`,
   `_weight_int4pack_mm_for_cpu`); activations stay in the model dtype.
-- `PackedWeight`: bf16 on CPU. torch's `F.linear` hands a bf16 matmul to oneDNN, which
-  reorders the weight into its blocked layout on every call; at decode shapes (M = the
-  batch's tokens, K and N of a 135M model) that reorder is a fifth of the call. Packing
-  once (`mkldnn._reorder_linear_weight`) and calling `mkldnn._linear_pointwise` gives the
-  same result bit for bit, without the per-call reorder. fp32 stays plain: MKL's packed
-  sgemm measured no faster here (benchmarks/RESULTS.md, "Matmuls").
+- `PackedWeight`: bf16 and fp32 on CPU, packed once into oneDNN's blocked layout.
+  bf16: torch's `F.linear` hands a bf16 matmul to oneDNN, which reorders the weight on
+  every call; at decode shapes (M = the batch's tokens, K and N of a 135M model) that
+  reorder is a fifth of the call. Packed once (`mkldnn._reorder_linear_weight`,
+  `mkldnn._linear_pointwise`) the result is the same bit for bit. fp32: `F.linear` goes
+  to MKL's sgemm, which on this project's AMD EPYC runs 2.2-2.5x slower than oneDNN's
+  fp32 kernels at every shape measured (M = 64 to 2048; benchmarks/matmul_cpu.py); the
+  results differ from MKL's in the last bits only (another summation order, ~1e-4 on
+  outputs of size ~10).
 
 Every format keeps one copy of the weight (the loaded Parameter is dropped; the bias,
 which DoRA's rescale also reads, stays shared) and can give
@@ -112,9 +115,10 @@ def _nbytes(t: torch.Tensor | None) -> int:
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    """bf16 on a CPU whose oneDNN build runs bf16 matmuls (AVX512-BF16 or AMX)."""
-    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """fp32 on a CPU with oneDNN; bf16 where its oneDNN build runs bf16 matmuls (AVX512-BF16 or AMX)."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def pack_base_weights(model: torch.nn.Module, batch_hint: int, quantization: str = "none",
@@ -142,3 +146,19 @@ def pack_base_weights(model: torch.nn.Module, batch_hint: int, quantization: str
         del proj.weight                       # one copy: the format's (the bias, small, stays shared)
         total += proj.base.nbytes
     return total
+
+
+def pack_output_head(model, batch_hint: int) -> int:
+    """Give the logits matmul a packed format where it pays; returns the bytes it adds.
+    An untied lm_head is packed in place (no added bytes). A tied one must stay dense for
+    the embedding lookups, so packing it is a second copy: kept for fp32, where oneDNN's
+    matmul is 2.2-2.5x MKL's here, not for bf16 (1.1-1.2x at decode batches, not worth
+    vocab x hidden bytes)."""
+    weight = model.output_weight()
+    if not can_pack(weight.device, weight.dtype) or (model.tie and weight.dtype != torch.float32):
+        return 0
+    model.head = PackedWeight(weight, None, batch_hint)
+    if model.tie:
+        return model.head.nbytes
+    del model.lm_head.weight                  # one copy: the packed one
+    return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from loraserve.adapters import LoRAGroup
@@ -102,6 +103,7 @@ class DecoderForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, self.spec.unit_offset_norm)
         self.tie = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tie else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.head = None        # the logits matmul's format, when base_weights.pack_output_head gives it one
         self.rope: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def init_rotary(self, dtype: torch.dtype) -> None:
@@ -119,9 +121,15 @@ class DecoderForCausalLM(nn.Module):
             x = layer(x, *tables[layer.rope_key], batch)
         return self.norm(x)
 
+    def output_weight(self) -> torch.Tensor:
+        """The output embedding [vocab, hidden] as a plain matrix, whatever its format."""
+        if self.head is not None and not self.tie:
+            return self.head.dense()
+        return (self.embed if self.tie else self.lm_head).weight.detach()
+
     def compute_logits(self, hidden: torch.Tensor, extras: adapter_extras.StepExtras | None = None) -> torch.Tensor:
-        weight = self.embed.weight if self.tie else self.lm_head.weight
-        logits = adapter_extras.compute_logits(hidden, weight, self.tie, extras)   # adapters' lm_head parts
+        logits = self.head(hidden) if self.head is not None else F.linear(hidden, self.output_weight())
+        logits = adapter_extras.compute_logits(hidden, logits, self.tie, extras)   # adapters' lm_head parts
         cap = self.spec.final_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 

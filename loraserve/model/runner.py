@@ -17,7 +17,7 @@ from loraserve.kernels import select_kernels
 from loraserve.sequence import Sequence
 
 from . import adapter_extras
-from .base_weights import pack_base_weights
+from .base_weights import pack_base_weights, pack_output_head
 from .quantize import resolve_quantization, served_blocks
 from .cuda_graphs import DecodeGraphs, DecodeInputs
 from .layers import ForwardBatch
@@ -75,8 +75,10 @@ class ModelRunner:
         model.init_rotary(self.dtype)
         blocks = served_blocks(model, self.quantization, source.gguf_path, hf_config)
         self.base_weight_bytes = pack_base_weights(model, config.max_num_seqs, self.quantization, blocks)
-        log.info("base projection weights: %.1f MB (%s, quantization %s)", self.base_weight_bytes / 2**20,
-                 self.dtype, self.quantization)
+        head_copy = pack_output_head(model, config.max_num_seqs)
+        log.info("base projection weights: %.1f MB (%s, quantization %s)%s", self.base_weight_bytes / 2**20,
+                 self.dtype, self.quantization,
+                 f"; a packed copy of the tied output embedding: {head_copy / 2**20:.1f} MB" if head_copy else "")
         model.attach_lora(slots.layers)
         slots.bind_base(functools.partial(adapter_extras.base_weight, model))   # DoRA's norms read the served W
         self.model = model.eval()

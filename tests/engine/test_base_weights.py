@@ -17,8 +17,20 @@ CPU = torch.device("cpu")
 
 
 def test_pack_choice_follows_device_and_dtype():
-    assert not can_pack(CPU, torch.float32)
+    assert can_pack(CPU, torch.float32) == torch.backends.mkldnn.is_available()
     assert can_pack(CPU, torch.bfloat16) == torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert not can_pack(CPU, torch.float16)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64, 130])
+def test_packed_fp32_equals_linear_to_rounding(rows):
+    """fp32 goes to oneDNN instead of MKL: another summation order, so equal to rounding."""
+    gen = torch.Generator().manual_seed(rows)
+    w, b = torch.randn(96, 80, generator=gen), torch.randn(96, generator=gen)
+    x = torch.randn(rows, 80, generator=gen)
+    packed = PackedWeight(w, b, batch_hint=64)
+    torch.testing.assert_close(packed(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert torch.equal(packed.dense(), w)
 
 
 @pytest.mark.skipif(not can_pack(CPU, torch.bfloat16), reason="this CPU's oneDNN has no bf16 matmul: weights stay plain")
