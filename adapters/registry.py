@@ -23,10 +23,11 @@ from .store import AdapterStore
 
 class AdapterRegistry:
     def __init__(self, store: AdapterStore, max_loras: int, max_cpu_loras: int, dtype: torch.dtype,
-                 device: torch.device | str, before_load: Callable[[AdapterRecord], None] | None = None):
+                 device: torch.device | str, before_load: Callable[[AdapterRecord], None] | None = None,
+                 int8_slots: bool = False):
         self.store = store
         self.cpu = CpuTier(store.load, max_cpu_loras, before_load=before_load)
-        self.slots = SlotPool.allocate(store.spec, max_loras, self._fetch, dtype, device)
+        self.slots = SlotPool.allocate(store.spec, max_loras, self._fetch, dtype, device, int8_slots)
         self._records: dict[str, AdapterRecord] = {}
         self._retained: dict[str, object] = {}    # deleted versions that accepted requests still use
         self._lock = threading.Lock()

@@ -41,23 +41,39 @@ GROUP_MODULES = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_
 
 @dataclass
 class LoRAGroup:
-    """Slot buffers of one fused projection (e.g. q,k,v of one layer)."""
+    """Slot buffers of one fused projection (e.g. q,k,v of one layer).
+
+    int8 slots (`--lora-dtype int8`) store A and B as int8 codes and one fp32 scale per
+    (rank, projection) column of the shrink, `scale`: A's column scale (max|A col| / 127)
+    times B_p's rank-row scale (max|B_p row| / 127, LoRA scaling folded in), so
+    delta = ((x @ A_q) * scale) @ B_q: the kernels convert the codes as they read them
+    and scale the small shrink output, never a weight. Half the bytes of bf16 slots;
+    DoRA scales and the vocab parts stay in the activation dtype."""
     A: torch.Tensor                    # [max_loras, in, r_cap, n_proj], slots packed: see kernels/sgmv.py
     Bs: list[torch.Tensor]             # per projection [max_loras, r_cap, out_p], scale folded in
     out_slices: list[tuple[int, int]]  # (column offset, width) of each projection in the fused output
     dora: torch.Tensor | None = None   # [max_loras + 1, out_total] DoRA output scale per slot; ones for
                                        # non-DoRA slots and for row -1 (no adapter)
+    scale: torch.Tensor | None = None  # int8 slots: [max_loras, r_cap * n_proj] fp32, packed column order
 
     @classmethod
-    def empty(cls, in_features: int, outs: list[int], max_loras: int, r_max: int, dtype, device):
+    def empty(cls, in_features: int, outs: list[int], max_loras: int, r_max: int, dtype, device,
+              int8: bool = False):
         offsets = [sum(outs[:i]) for i in range(len(outs))]
         r_max = capacity_rank(r_max)
+        weights = torch.int8 if int8 else dtype
         return cls(
-            A=torch.zeros(max_loras, in_features, r_max, len(outs), dtype=dtype, device=device),
-            Bs=[torch.zeros(max_loras, r_max, o, dtype=dtype, device=device) for o in outs],
+            A=torch.zeros(max_loras, in_features, r_max, len(outs), dtype=weights, device=device),
+            Bs=[torch.zeros(max_loras, r_max, o, dtype=weights, device=device) for o in outs],
             out_slices=list(zip(offsets, outs)),
             dora=torch.ones(max_loras + 1, sum(outs), dtype=dtype, device=device),
+            scale=torch.zeros(max_loras, r_max * len(outs), device=device) if int8 else None,
         )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype (the slots' own, unless they are int8)."""
+        return self.dora.dtype
 
     def load(self, slot: int, rank: int, pairs: list[tuple[torch.Tensor, torch.Tensor] | None],
              scaling: float, scale: torch.Tensor | None = None) -> None:
@@ -66,17 +82,38 @@ class LoRAGroup:
         columns stay zero). A is packed on the host and copied in one piece, each B in one."""
         in_features, n_proj = self.A.shape[1], self.A.shape[3]
         width = row_width(rank, n_proj)
-        packed = torch.zeros(in_features, width, dtype=self.A.dtype)
+        packed = torch.zeros(in_features, width)
         ranks = packed[:, : rank * n_proj].view(in_features, rank, n_proj)
         for p, pair in enumerate(pairs):
             if pair is not None:
-                ranks[:, :, p] = pair[0].t()
-        self.A[slot].view(-1)[: in_features * width].copy_(packed.view(-1))
-        for B, pair in zip(self.Bs, pairs):
-            rows = torch.zeros(rank, B.shape[2]) if pair is None else pair[1].t().float() * scaling
+                ranks[:, :, p] = pair[0].t().float()
+        b_rows = [torch.zeros(rank, B.shape[2]) if pair is None else pair[1].t().float() * scaling
+                  for B, pair in zip(self.Bs, pairs)]
+        if self.scale is not None:
+            packed, b_rows = self._quantize(slot, rank, packed, b_rows)
+        self.A[slot].view(-1)[: in_features * width].copy_(packed.to(self.A.dtype).view(-1))
+        for B, rows in zip(self.Bs, b_rows):
             B[slot, :rank].copy_(rows.to(B.dtype))
         if self.dora is not None:
             self.dora[slot].copy_(torch.ones(self.dora.shape[1]) if scale is None else scale.to(self.dora.dtype))
+
+
+    def _quantize(self, slot: int, rank: int, packed: torch.Tensor, b_rows: list[torch.Tensor]):
+        """int8 codes of A's packed columns and of each B_p's rows; the combined scale of
+        column (r, p) into self.scale[slot] (zero where the adapter has nothing)."""
+        n_proj = len(b_rows)
+        a_scale = _absmax_scale(packed, dim=0)                            # [width]
+        b_scales = [_absmax_scale(rows, dim=1) for rows in b_rows]          # each [rank]
+        combined = torch.zeros(self.scale.shape[1])
+        cols = rank * n_proj
+        combined[:cols] = a_scale[:cols] * torch.stack(b_scales, dim=1).reshape(-1)   # j = r * n_proj + p
+        self.scale[slot].copy_(combined)
+        codes = lambda w, s: (w / s.clamp(min=1e-30)).round().clamp(-127, 127)
+        return codes(packed, a_scale[None]), [codes(rows, bs[:, None]) for rows, bs in zip(b_rows, b_scales)]
+
+
+def _absmax_scale(w: torch.Tensor, dim: int) -> torch.Tensor:
+    return w.abs().amax(dim=dim) / 127
 
 
 def group_shapes(spec: BaseModelSpec) -> dict[str, tuple[int, list[int]]]:
@@ -112,10 +149,11 @@ class SlotPool:
 
     @classmethod
     def allocate(cls, spec: BaseModelSpec, max_loras: int, fetch, dtype: torch.dtype,
-                 device: torch.device | str) -> "SlotPool":
-        """A pool with zeroed device buffers for every layer of `spec`, sized to its max_lora_rank."""
+                 device: torch.device | str, int8: bool = False) -> "SlotPool":
+        """A pool with zeroed device buffers for every layer of `spec`, sized to its
+        max_lora_rank; int8 codes with scales when `int8` (LoRAGroup)."""
         shapes = group_shapes(spec)
-        layers = [{g: LoRAGroup.empty(i, outs, max_loras, spec.max_lora_rank, dtype, device)
+        layers = [{g: LoRAGroup.empty(i, outs, max_loras, spec.max_lora_rank, dtype, device, int8)
                    for g, (i, outs) in shapes.items()} for _ in range(spec.num_hidden_layers)]
         return cls(max_loras, fetch, layers)
 
@@ -223,8 +261,8 @@ class SlotPool:
             if use_dora:
                 self.dora_slots.add(slot)
             if not adapter.vocab.is_empty and self.layers:
-                ref = self.layers[0]["o"].A
-                self.vocab[slot] = VocabSlot.of(adapter, self.base_weight, ref.dtype, ref.device)
+                ref = self.layers[0]["o"]
+                self.vocab[slot] = VocabSlot.of(adapter, self.base_weight, ref.dtype, ref.A.device)
 
     def _dora_scale(self, adapter, layer: int, group: str) -> torch.Tensor:
         """The group's fused output scale: m / ||W + sBA|| per projection with DoRA, ones elsewhere."""

@@ -63,17 +63,21 @@ def slot_a(A: torch.Tensor, slot: int, rank: int) -> torch.Tensor:
 
 
 def add_lora_ref(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
-                 out_slices: list[tuple[int, int]], meta: LoRAMeta) -> torch.Tensor:
-    """Oracle: loop over tokens in fp32. y [T, N], x [T, in]."""
+                 out_slices: list[tuple[int, int]], meta: LoRAMeta, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Oracle: loop over tokens in fp32. y [T, N], x [T, in]. With int8 slots, `scale`
+    [max_loras, r_cap * n_proj] multiplies the shrink's column (r, p) (slot_pool.LoRAGroup)."""
     slots = meta.token_slots.tolist()
     ranks = meta.slot_ranks.tolist()
+    n_proj = A.shape[3]
     for t, s in enumerate(slots):
         if s < 0:
             continue
         r = ranks[s]
-        a = slot_a(A, s, r).view(A.shape[1], r, A.shape[3])
+        a = slot_a(A, s, r).view(A.shape[1], r, n_proj)
         for p, ((off, size), B) in enumerate(zip(out_slices, Bs)):
             v = x[t].float() @ a[:, :, p].float()               # [r]
+            if scale is not None:
+                v = v * scale[s, : r * n_proj].view(r, n_proj)[:, p]
             y[t, off : off + size] += (v @ B[s, :r].float()).to(y.dtype)
     return y
 
@@ -280,7 +284,7 @@ def _split_k(programs: int, in_features: int, block_k: int, min_programs: int) -
 
 def _check_lora_args(x: torch.Tensor, A: torch.Tensor, meta: LoRAMeta) -> None:
     assert x.dim() == 2 and A.dim() == 4, "x [T, in], A [max_loras, in, r_max, n_proj]"
-    assert x.dtype == A.dtype, f"x {x.dtype} and A {A.dtype} must share a dtype"
+    assert x.dtype == A.dtype or A.dtype == torch.int8, f"x {x.dtype} and A {A.dtype} must share a dtype (or A int8)"
     assert x.dtype in (torch.float32, torch.float16, torch.bfloat16), x.dtype
     assert x.shape[1] == A.shape[1] and x.shape[0] == meta.num_tokens, (x.shape, A.shape, meta.num_tokens)
     assert x.stride(1) == 1 and A.is_contiguous(), "x rows and A must be contiguous"
@@ -380,7 +384,7 @@ def sgmv_expand(y: torch.Tensor, v: torch.Tensor, Bs: list[torch.Tensor], out_sl
         meta.sorted_token_idx, blocks.block_slots, blocks.block_ranks, blocks.block_starts, blocks.block_ends,
         y.stride(0), v.stride(0), v.stride(1),
         N_PROJ=n_proj, VEC=vec, SPLIT_K=v.shape[0], BLOCK_M=SGMV_BLOCK_M, BLOCK_N=block_n,
-        BLOCK_K=64 if interpret else 16, DOT_DTYPE=dot_dtype(Bs[0].dtype), PRECISION="ieee",
+        BLOCK_K=64 if interpret else 16, DOT_DTYPE=dot_dtype(y.dtype), PRECISION="ieee",
         num_warps=launch.expand_warps,
     )
     return y
@@ -438,31 +442,43 @@ BGMV_MAX_TOKENS = 16   # steps this small take BGMV: it measured faster there (R
 
 def add_lora_triton(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
                     out_slices: list[tuple[int, int]], blocks: LoRABlocks,
-                    launch: GpuLaunch = DEFAULT_LAUNCH) -> torch.Tensor:
+                    launch: GpuLaunch = DEFAULT_LAUNCH, scale: torch.Tensor | None = None) -> torch.Tensor:
     """CUDA path: y += LoRA delta. Steps of up to BGMV_MAX_TOKENS tokens take the
     one-token-per-program BGMV kernels (H100, hidden 4096, rank 16, 16 tokens: 10.0 vs
     11.8 us with 64 adapters, 8.2 vs 8.7 us with one); larger steps take SGMV, which wins
     from 32 tokens with one adapter and from 128 with 64. The choice depends on the
     token count only, so a captured CUDA graph keeps it."""
     if blocks.meta.num_tokens <= BGMV_MAX_TOKENS:
-        return add_lora_bgmv(y, x, A, Bs, out_slices, blocks.meta, launch)
-    return add_lora_sgmv(y, x, A, Bs, out_slices, blocks, launch)
+        return add_lora_bgmv(y, x, A, Bs, out_slices, blocks.meta, launch, scale)
+    return add_lora_sgmv(y, x, A, Bs, out_slices, blocks, launch, scale)
 
 
 def add_lora_sgmv(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
                   out_slices: list[tuple[int, int]], blocks: LoRABlocks,
-                  launch: GpuLaunch = DEFAULT_LAUNCH) -> torch.Tensor:
-    """y += LoRA delta as one SGMV shrink and one SGMV expand launch."""
+                  launch: GpuLaunch = DEFAULT_LAUNCH, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """y += LoRA delta as one SGMV shrink and one SGMV expand launch (int8 slots: the
+    kernels convert the codes as they load them; `scale` multiplies the small v between)."""
     if not blocks.has_lora:
         return y                                   # no adapter in the step: nothing launched
-    return sgmv_expand(y, sgmv_shrink_splits(x, A, blocks, launch=launch), Bs, out_slices, blocks, launch)
+    v = _scaled(sgmv_shrink_splits(x, A, blocks, launch=launch), scale, blocks.meta)
+    return sgmv_expand(y, v, Bs, out_slices, blocks, launch)
 
 
 def add_lora_bgmv(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
                   out_slices: list[tuple[int, int]], meta: LoRAMeta,
-                  launch: GpuLaunch = DEFAULT_LAUNCH) -> torch.Tensor:
+                  launch: GpuLaunch = DEFAULT_LAUNCH, scale: torch.Tensor | None = None) -> torch.Tensor:
     """The same as add_lora_sgmv with the one-token-per-program kernels (decode shapes),
     which read the core meta only."""
     if not meta.has_lora:
         return y
-    return bgmv_expand(y, bgmv_shrink_splits(x, A, meta, launch=launch), Bs, out_slices, meta)
+    return bgmv_expand(y, _scaled(bgmv_shrink_splits(x, A, meta, launch=launch), scale, meta), Bs, out_slices, meta)
+
+
+def _scaled(v_splits: torch.Tensor, scale: torch.Tensor | None, meta: LoRAMeta) -> torch.Tensor:
+    """int8 slots: the shrink's v [T, r_max * n_proj] times each token's slot scale (zero
+    on slot -1 rows); no host sync, so a captured graph replays it. Without: v as it is."""
+    if scale is None:
+        return v_splits
+    slots = meta.token_slots.long()
+    rows = scale.index_select(0, slots.clamp(min=0)) * (slots >= 0).unsqueeze(1)
+    return (_sum_splits(v_splits) * rows).contiguous()

@@ -180,6 +180,31 @@ struct Last {
   }
 };
 
+// int8 slots: a unit is 16 int8 codes widened in column order to one fp32 vector; the
+// scale is applied to v between shrink and expand (slot_pool.LoRAGroup), so the tiles
+// below are the fp32/bf16 ones with this load. A y row takes 16 columns at a time.
+typedef int8_t vc __attribute__((vector_size(16)));
+typedef int8_t vc_u __attribute__((vector_size(16), aligned(1), may_alias));
+
+struct UnitI8 {
+  static constexpr int W = 16, NF = 1;
+  static inline void load(const int8_t* p, int n, vf* out) {
+    vc c;
+    if (n == W) {
+      c = *(const vc_u*)p;
+    } else {
+      c = vc{};
+      for (int i = 0; i < n; ++i) c[i] = p[i];
+    }
+    out[0] = __builtin_convertvector(c, vf);
+  }
+};
+
+template <typename T>
+inline void add16(T* p, const vf& acc, int n) {   // p[:n] += acc[:n], n <= 16, column order
+  if constexpr (std::is_same_v<T, bf16>) Unit<bf16>::add_to_half(p, &acc, n); else Unit<float>::add_to(p, &acc, n);
+}
+
 #define SGMV_UNROLL _Pragma("GCC unroll 16")
 
 // v[m, cols] = sum_k xs[m, k] * a[k, cols] over the tile's NU units (the last one holds
@@ -241,6 +266,62 @@ void expand_tile(const float* v, int64_t ldv, int n_proj, int p, const T* b, int
   }
 }
 
+// int8 slots: v[m, cols] = sum_k xs[m, k] * a_q[k, cols] (unscaled), NU units of 16 codes
+template <int NU>
+void shrink_tile_i8(const float* xs, const int8_t* a, int64_t lda, int64_t K, int last, float* v, int64_t ldv) {
+  const int64_t ahead = std::max<int64_t>(1, kShrinkAheadBytes / lda) * lda;
+  vf acc[MT][NU] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const int8_t* row = a + k * lda;
+    __builtin_prefetch(row + ahead);
+    vf b[NU];
+    SGMV_UNROLL for (int j = 0; j < NU; ++j) UnitI8::load(row + j * 16, j == NU - 1 ? last : 16, b + j);
+    SGMV_UNROLL for (int m = 0; m < MT; ++m) {
+      const float xm = xs[m * K + k];
+      SGMV_UNROLL for (int j = 0; j < NU; ++j) acc[m][j] += xm * b[j];
+    }
+  }
+  SGMV_UNROLL for (int m = 0; m < MT; ++m)
+    SGMV_UNROLL for (int j = 0; j < NU; ++j) *(vf_u*)(v + m * ldv + j * 16) = acc[m][j];
+}
+
+// int8 slots: y_m[cols] += sum_{k < rank} v[m, k * n_proj + p] * b_q[k, cols], v already scaled
+template <typename T, int NU>
+void expand_tile_i8(const float* v, int64_t ldv, int n_proj, int p, const int8_t* b, int64_t ldb, int rank,
+                    int last, T* const* y_rows, int mt) {
+  vf acc[MT][NU] = {};
+  for (int k = 0; k < rank; ++k) {
+    const int8_t* row = b + k * ldb;
+    __builtin_prefetch(row + kExpandAheadChunks * kChunk);
+    vf w[NU];
+    SGMV_UNROLL for (int j = 0; j < NU; ++j) UnitI8::load(row + j * 16, j == NU - 1 ? last : 16, w + j);
+    SGMV_UNROLL for (int m = 0; m < MT; ++m) {
+      const float vm = v[m * ldv + k * n_proj + p];
+      SGMV_UNROLL for (int j = 0; j < NU; ++j) acc[m][j] += vm * w[j];
+    }
+  }
+  for (int m = 0; m < mt; ++m)
+    SGMV_UNROLL for (int j = 0; j < NU; ++j) add16<T>(y_rows[m] + j * 16, acc[m][j], j == NU - 1 ? last : 16);
+}
+
+#define SGMV_DISPATCH_I8(nu, ...)                       \
+  switch (nu) {                                         \
+    case 1: { constexpr int NU = 1; __VA_ARGS__; break; } \
+    case 2: { constexpr int NU = 2; __VA_ARGS__; break; } \
+    case 3: { constexpr int NU = 3; __VA_ARGS__; break; } \
+    default: { constexpr int NU = 4; __VA_ARGS__; break; } \
+  }
+
+// Column chunks of kChunk columns in units of 16 int8 codes
+template <typename F>
+void for_column_chunks_i8(int64_t cols, F&& tile) {
+  for (int64_t c0 = 0; c0 < cols; c0 += kChunk) {
+    const int w = (int)std::min<int64_t>(kChunk, cols - c0);
+    const int nu = (w + 15) / 16;
+    tile(c0, nu, w - (nu - 1) * 16);
+  }
+}
+
 // Column chunks of kChunk columns, the last one narrower: calls tile(c0, units, last unit's width).
 template <typename T, typename F>
 void for_column_chunks(int64_t cols, F&& tile) {
@@ -275,6 +356,8 @@ struct Step {
   std::vector<int64_t> offs, outs, ldb_slot;
   const int64_t* tokens;
   const int32_t* slot_ranks;
+  const float* scale = nullptr;    // int8 slots: [L, ld_scale] fp32, the shrink columns' scales
+  int64_t ld_scale = 0;
 };
 
 struct Block {
@@ -319,6 +402,48 @@ void run_block(const Step& s, const Block& blk, const T* x, const T* A,
   }
 }
 
+// run_block with int8 slots: shrink on the codes, v scaled per column, expand on the codes
+template <typename T>
+void run_block_i8(const Step& s, const Block& blk, const T* x, const int8_t* A,
+                  const std::vector<const int8_t*>& Bs, T* y, std::vector<float>& xs, std::vector<float>& v) {
+  const int64_t C = blk.rank * s.n_proj;
+  const int64_t ldv = (C + 63) / 64 * 64;         // whole 64-column chunks
+  xs.resize(MT * s.K);
+  v.resize(MT * ldv);
+  const int8_t* a = A + blk.slot * s.lda_slot;
+  const int64_t lda = row_width(blk.rank, s.n_proj);
+  const float* sc = s.scale + blk.slot * s.ld_scale;
+  for (int64_t m0 = blk.p0; m0 < blk.p1; m0 += MT) {
+    const int mt = (int)std::min<int64_t>(MT, blk.p1 - m0);
+    T* y_rows[MT];
+    for (int m = 0; m < MT; ++m) {
+      float* xm = xs.data() + m * s.K;
+      if (m < mt) {
+        const T* xr = x + s.tokens[m0 + m] * s.ldx;
+        for (int64_t k = 0; k < s.K; ++k) xm[k] = (float)xr[k];
+        y_rows[m] = y + s.tokens[m0 + m] * s.ldy;
+      } else {
+        std::fill(xm, xm + s.K, 0.f);
+        y_rows[m] = nullptr;
+      }
+    }
+    for_column_chunks_i8(C, [&](int64_t c0, int nu, int last) {
+      SGMV_DISPATCH_I8(nu, shrink_tile_i8<NU>(xs.data(), a + c0, lda, s.K, last, v.data() + c0, ldv));
+    });
+    for (int m = 0; m < mt; ++m)
+      for (int64_t c = 0; c < C; ++c) v[m * ldv + c] *= sc[c];
+    for (int64_t p = 0; p < s.n_proj; ++p) {
+      const int8_t* b = Bs[p] + blk.slot * s.ldb_slot[p];
+      for_column_chunks_i8(s.outs[p], [&](int64_t c0, int nu, int last) {
+        T* rows[MT];
+        for (int m = 0; m < MT; ++m) rows[m] = y_rows[m] ? y_rows[m] + s.offs[p] + c0 : nullptr;
+        SGMV_DISPATCH_I8(nu, expand_tile_i8<T, NU>(v.data(), ldv, (int)s.n_proj, (int)p, b + c0, s.outs[p],
+                                                   (int)blk.rank, last, rows, mt));
+      });
+    }
+  }
+}
+
 // One long segment through ATen (blocked GEMM): the same math, with v rounded to x's dtype,
 // accumulated in place into y's rows (a view when the tokens are consecutive, the common
 // case: the runner orders tokens by slot; else gathered and scattered back).
@@ -331,23 +456,33 @@ void run_long_segment(at::Tensor& y, const at::Tensor& x, const at::Tensor& A, c
   const auto xs = consecutive ? x.narrow(0, t0, M) : x.index_select(0, idx);
   auto ys = consecutive ? y.narrow(0, t0, M) : y.index_select(0, idx);
   const int64_t lda = row_width(blk.rank, s.n_proj);                               // packed rows
-  const auto a = A[blk.slot].view(-1).narrow(0, 0, s.K * lda).view({s.K, lda}).narrow(1, 0, blk.rank * s.n_proj);
-  const auto v = at::mm(xs, a).view({M, blk.rank, s.n_proj});
-  for (int64_t p = 0; p < s.n_proj; ++p)
-    ys.narrow(1, s.offs[p], s.outs[p]).addmm_(v.select(2, p), Bs[p][blk.slot].narrow(0, 0, blk.rank));
+  const int64_t C = blk.rank * s.n_proj;
+  auto a = A[blk.slot].view(-1).narrow(0, 0, s.K * lda).view({s.K, lda}).narrow(1, 0, C);
+  const bool int8 = A.scalar_type() == at::kChar;   // this adapter's codes only, converted for the GEMM
+  if (int8) a = a.to(x.scalar_type());
+  auto v = at::mm(xs, a);
+  if (int8) {
+    const auto sc = at::from_blob((void*)(s.scale + blk.slot * s.ld_scale), {C}, at::kFloat);
+    v = (v.to(at::kFloat) * sc).to(x.scalar_type());
+  }
+  v = v.view({M, blk.rank, s.n_proj});
+  for (int64_t p = 0; p < s.n_proj; ++p) {
+    auto b = Bs[p][blk.slot].narrow(0, 0, blk.rank);
+    ys.narrow(1, s.offs[p], s.outs[p]).addmm_(v.select(2, p), int8 ? b.to(x.scalar_type()) : b);
+  }
   if (!consecutive) y.index_copy_(0, idx, ys);
 }
 
 // The short segments' blocks on all threads: worker w takes the blocks whose middle byte
 // (cost: prefix sums of the blocks' weight bytes) falls in its 1/workers of the total.
-template <typename T>
+template <typename T, typename TW>
 void run_blocks(const Step& s, const std::vector<Block>& blocks, const std::vector<double>& cost,
                 const at::Tensor& x, const at::Tensor& A, const std::vector<at::Tensor>& Bs, at::Tensor& y) {
   const T* xp = (const T*)x.data_ptr();
-  const T* ap = (const T*)A.data_ptr();
+  const TW* ap = (const TW*)A.data_ptr();
   T* yp = (T*)y.data_ptr();
-  std::vector<const T*> bp;
-  for (const auto& B : Bs) bp.push_back((const T*)B.data_ptr());
+  std::vector<const TW*> bp;
+  for (const auto& B : Bs) bp.push_back((const TW*)B.data_ptr());
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), (int64_t)blocks.size());
   const double total = cost.back();
   at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
@@ -355,7 +490,8 @@ void run_blocks(const Step& s, const std::vector<Block>& blocks, const std::vect
     for (int64_t w = w0; w < w1; ++w)
       for (size_t i = 0; i < blocks.size(); ++i)
         if ((int64_t)(0.5 * (cost[i] + cost[i + 1]) * workers / total) == w)
-          run_block<T>(s, blocks[i], xp, ap, bp, yp, xs, v);
+          if constexpr (std::is_same_v<TW, int8_t>) run_block_i8<T>(s, blocks[i], xp, ap, bp, yp, xs, v);
+          else run_block<T>(s, blocks[i], xp, ap, bp, yp, xs, v);
   });
 }
 
@@ -365,11 +501,17 @@ void run_blocks(const Step& s, const std::vector<Block>& blocks, const std::vect
 // tokens[seg_starts[i]:seg_starts[i+1]] with slot seg_slots[i] of rank slot_ranks[slot].
 void add_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const std::vector<at::Tensor>& Bs,
               const std::vector<int64_t>& offs, const at::Tensor& tokens, const at::Tensor& seg_starts,
-              const at::Tensor& seg_slots, const at::Tensor& slot_ranks, int64_t max_seg_len) {
+              const at::Tensor& seg_slots, const at::Tensor& slot_ranks, int64_t max_seg_len,
+              const at::Tensor& scale) {
   RECORD_FUNCTION("loraserve::sgmv_cpu", std::vector<c10::IValue>());  // a row in torch.profiler's tables
   TORCH_CHECK(y.dim() == 2 && x.dim() == 2 && A.dim() == 4, "y [T, N], x [T, in], A [L, in, r_max, n_proj]");
   TORCH_CHECK(y.stride(1) == 1 && x.stride(1) == 1 && A.is_contiguous(), "y and x rows, and A, must be dense");
-  TORCH_CHECK(x.scalar_type() == y.scalar_type() && A.scalar_type() == y.scalar_type(), "one dtype for y, x, A, Bs");
+  const bool int8 = A.scalar_type() == at::kChar;   // int8 slots: A and Bs codes, `scale` [L, r_max * n_proj]
+  const auto wtype = int8 ? at::kChar : y.scalar_type();
+  TORCH_CHECK(x.scalar_type() == y.scalar_type() && A.scalar_type() == wtype, "one dtype for y, x, A, Bs (or int8 A, Bs)");
+  TORCH_CHECK(!int8 || (scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.dim() == 2 &&
+                        scale.size(0) == A.size(0) && scale.size(1) == A.size(2) * A.size(3)),
+              "int8 slots need scale [L, r_max * n_proj] fp32, contiguous");
   TORCH_CHECK(y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16, "float32 or bfloat16 only");
   TORCH_CHECK((int64_t)Bs.size() == A.size(3) && offs.size() == Bs.size(), "one B and one offset per projection");
   TORCH_CHECK(tokens.scalar_type() == at::kLong && seg_starts.scalar_type() == at::kInt &&
@@ -384,11 +526,15 @@ void add_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const std:
   s.ldy = y.stride(0);
   s.tokens = tokens.data_ptr<int64_t>();
   s.slot_ranks = slot_ranks.data_ptr<int32_t>();
+  if (int8) {
+    s.scale = scale.data_ptr<float>();
+    s.ld_scale = scale.size(1);
+  }
   TORCH_CHECK(x.size(1) == s.K, "x and A disagree on in_features");
   TORCH_CHECK(A.size(2) * s.n_proj % kRowAlign == 0, "A's r_max * n_proj must be a multiple of 8 (packed rows)");
   for (size_t p = 0; p < Bs.size(); ++p) {
     const auto& B = Bs[p];
-    TORCH_CHECK(B.dim() == 3 && B.is_contiguous() && B.scalar_type() == y.scalar_type() &&
+    TORCH_CHECK(B.dim() == 3 && B.is_contiguous() && B.scalar_type() == wtype &&
                 B.size(0) == A.size(0) && B.size(1) == A.size(2), "B_p [L, r_max, out_p], dense, A's dtype");
     TORCH_CHECK(offs[p] >= 0 && offs[p] + B.size(2) <= y.size(1), "projection columns outside y");
     s.offs.push_back(offs[p]);
@@ -421,7 +567,9 @@ void add_lora(at::Tensor y, const at::Tensor& x, const at::Tensor& A, const std:
   auto work = [&](auto tag) {
     using T = decltype(tag);
     for (const auto& blk : long_segs) run_long_segment(y, x, A, Bs, s, tokens, blk);
-    if (!blocks.empty()) run_blocks<T>(s, blocks, cost, x, A, Bs, y);
+    if (blocks.empty()) return;
+    if (int8) run_blocks<T, int8_t>(s, blocks, cost, x, A, Bs, y);
+    else run_blocks<T, T>(s, blocks, cost, x, A, Bs, y);
   };
   if (y.scalar_type() == at::kFloat) work(float{});
   else work(bf16{});

@@ -60,20 +60,27 @@ def warm_up() -> None:
 
 
 def add_lora_cpu(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
-                 out_slices: list[tuple[int, int]], meta: LoRAMeta) -> torch.Tensor:
+                 out_slices: list[tuple[int, int]], meta: LoRAMeta, scale: torch.Tensor | None = None) -> torch.Tensor:
     """CPU path: y += LoRA delta through the C++ op; add_lora_grouped for what it does not
-    take (other dtypes, strided tensors) or when it could not be built. Returns y."""
+    take (other dtypes, strided tensors) or when it could not be built. Returns y. int8
+    slots (A, Bs int8 with `scale`, slot_pool.LoRAGroup) convert their codes in the op."""
     if not meta.has_lora:
         return y                                   # no adapter in the step: no work at all
-    ext = extension() if _supported(y, x, A, Bs) else None
+    ext = extension() if _supported(y, x, A, Bs, scale) else None
     if ext is None:
-        return add_lora_grouped(y, x, A, Bs, out_slices, meta)
+        return add_lora_grouped(y, x, A, Bs, out_slices, meta, scale)
     ext.add_lora(y, x, A, Bs, [off for off, _ in out_slices], meta.sorted_token_idx,
-                 meta.seg_starts, meta.seg_slots, meta.slot_ranks, MAX_SEG_LEN[y.dtype])
+                 meta.seg_starts, meta.seg_slots, meta.slot_ranks, MAX_SEG_LEN[y.dtype],
+                 _NO_SCALE if scale is None else scale)
     return y
 
 
-def _supported(y, x, A, Bs) -> bool:
-    return (y.dtype in MAX_SEG_LEN and x.dtype == y.dtype and A.dtype == y.dtype and not y.is_cuda
+_NO_SCALE = torch.empty(0)
+
+
+def _supported(y, x, A, Bs, scale) -> bool:
+    weights = torch.int8 if scale is not None else y.dtype
+    return (y.dtype in MAX_SEG_LEN and x.dtype == y.dtype and A.dtype == weights and not y.is_cuda
             and y.stride(-1) == 1 and x.stride(-1) == 1 and A.is_contiguous()
-            and all(B.dtype == y.dtype and B.is_contiguous() for B in Bs))
+            and (scale is None or (scale.dtype == torch.float32 and scale.is_contiguous()))
+            and all(B.dtype == weights and B.is_contiguous() for B in Bs))

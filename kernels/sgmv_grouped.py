@@ -16,27 +16,30 @@ from .sgmv import row_width
 
 
 def add_lora_grouped(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, Bs: list[torch.Tensor],
-                     out_slices: list[tuple[int, int]], meta: LoRAMeta) -> torch.Tensor:
+                     out_slices: list[tuple[int, int]], meta: LoRAMeta, scale: torch.Tensor | None = None) -> torch.Tensor:
     """Torch path: y += LoRA delta with one bmm for the shrink and one per projection for
     the expand, over rows of meta.rows.row_len tokens that share an adapter; a step
-    mixing ranks runs once per rank."""
+    mixing ranks runs once per rank. int8 slots (`scale`): the rows' slots are converted
+    to x's dtype as they are gathered, never the whole pool."""
     if not meta.has_lora:
         return y                                   # no adapter in the step: no work at all
     if not meta.uniform_rank:                      # one pass per rank, each at its own rank
         for group in meta.rank_groups:
-            add_lora_grouped(y, x, A, Bs, out_slices, group)
+            add_lora_grouped(y, x, A, Bs, out_slices, group, scale)
         return y
     r = meta.max_rank
     rows = meta.rows
     n_proj = A.shape[-1]
     num_rows, row_len = len(rows.row_slots), rows.row_len
-    a = _rows_a(A, rows, r)                                           # [R, in, r*n_proj]
+    a = _rows_a(A, rows, r).to(x.dtype)                               # [R, in, r*n_proj]
     xr = x if rows.rows_are_tokens else x.index_select(0, rows.pad_idx)
     xr = xr.view(num_rows, row_len, -1)                                # [R, row_len, in]
     v = torch.bmm(xr, a)                                              # [R, row_len, r*n_proj]
+    if scale is not None:
+        v = (v.float() * _row_weights(scale[:, : r * n_proj], rows)[:, None]).to(x.dtype)
     v = v.view(num_rows, row_len, r, n_proj)       # pad cells hold token 0; inv_idx never reads them
     for p, ((off, size), B) in enumerate(zip(out_slices, Bs)):
-        b = _row_weights(B[:, :r], rows)                               # [R, r, out_p]
+        b = _row_weights(B[:, :r], rows).to(x.dtype)                   # [R, r, out_p]
         if rows.rows_are_tokens:                   # accumulate straight into y's columns
             y[:, off : off + size].view(num_rows, row_len, size).baddbmm_(v[..., p], b)
             continue

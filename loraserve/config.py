@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KERNEL_BACKENDS = ("auto", "triton", "torch")   # kernels/__init__.py select_kernels
+LORA_DTYPES = ("auto", "int8")                  # adapters/slot_pool.py LoRAGroup
 QUANTIZATIONS = ("none", "int8", "int4", "auto")  # model/quantize.py; auto = a GGUF file's own precision
 
 
@@ -27,6 +28,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_loras: int = 8                  # adapter slots on the device
     max_lora_rank: int = 16             # slot buffers are sized to this rank
+    lora_dtype: str = "auto"            # slot buffers: auto = the model dtype, int8 = codes + scales (half of bf16)
     max_module_copy_bytes: int = 1 << 30  # per adapter: modules_to_save copies (embed_tokens, lm_head) up to this
     max_cpu_loras: int | None = None    # CPU cache of loaded adapters; None = 4 * max_loras
     adapter_dir: str | None = None      # durable adapter store root; None = user cache dir
@@ -39,6 +41,8 @@ class EngineConfig:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization {self.quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
+        if self.lora_dtype not in LORA_DTYPES:
+            raise ValueError(f"lora_dtype {self.lora_dtype!r} is not one of {', '.join(LORA_DTYPES)}")
         if self.kernel_backend not in KERNEL_BACKENDS:
             raise ValueError(f"kernel_backend {self.kernel_backend!r} is not one of {', '.join(KERNEL_BACKENDS)}")
         checks = {

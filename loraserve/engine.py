@@ -70,7 +70,8 @@ class LLMEngine:
         self.store = AdapterStore(config.adapter_dir or default_store_root(), self.spec)
         device = resolve_device(config.device)
         self.adapters = AdapterRegistry(self.store, config.max_loras, config.max_cpu_loras,
-                                        resolve_dtype(config.dtype, device), device, hooks.adapter_load)
+                                        resolve_dtype(config.dtype, device), device, hooks.adapter_load,
+                                        int8_slots=config.lora_dtype == "int8")
         self.slots = self.adapters.slots
         self.runner = ModelRunner(config, self.hf_config, source, wanted, self.slots, hooks)
         # one request must always fit the KV pool, or preemption could never make room

@@ -82,7 +82,7 @@ class LoRAProjection(nn.Module):
         meta = batch.lora
         if meta.has_lora and self.lora is not None:
             g = self.lora
-            self.kernels.add_lora(y, x, g.A, g.Bs, g.out_slices, meta)
+            self.kernels.add_lora(y, x, g.A, g.Bs, g.out_slices, meta, scale=g.scale)
             adapter_extras.apply_dora(y, self, g, batch.extras)     # DoRA rows only; nothing without DoRA
         return y
 
