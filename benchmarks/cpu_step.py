@@ -120,12 +120,24 @@ def time_decode(llm: LLM, batch: int, context: int, adapters: list[str | None], 
         assert result.num_scheduled_tokens == batch, f"step of {result.num_scheduled_tokens} tokens, expected a full batch of {batch}"
     engine.runner.model.__dict__.pop("forward")                 # unwrap
     engine.runner.model.__dict__.pop("compute_logits")
+    lora_ms = lora_op_ms(engine) if any(adapters) else 0.0
     if profile:
         print_profile(engine, batch)
     for request_id in list(engine.requests):
         engine.abort(request_id)
     wall = statistics.median(walls)
-    return dict(wall=wall, best=min(walls), forward=timer.forward / steps, logits=timer.logits / steps)
+    return dict(wall=wall, best=min(walls), forward=timer.forward / steps, logits=timer.logits / steps, lora=lora_ms)
+
+
+def lora_op_ms(engine, steps: int = 3) -> float:
+    """ms a decode step spends in the C++ LoRA op (its profiler row), over `steps` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            engine.step()
+    rows = [e for e in prof.key_averages() if e.key == "loraserve::sgmv_cpu"]
+    return sum(e.cpu_time_total for e in rows) / steps / 1e3
 
 
 def print_profile(engine, batch: int) -> None:
@@ -146,6 +158,7 @@ def parse_args(argv=None):
     p.add_argument("--context", type=int, default=128, help="tokens in each sequence's context")
     p.add_argument("--num-adapters", type=int, default=8, help="distinct rank-r adapters, round-robin (0: base only)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank of every adapter")
+    p.add_argument("--lora-dtypes", default="auto", help="comma-separated adapter slot dtypes (auto, int8): one row each")
     p.add_argument("--steps", type=int, default=8, help="decode steps timed per configuration (the median counts)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--model", default=None, help="HF directory or .gguf (default: the embedded SmolLM2)")
@@ -172,25 +185,31 @@ def main(argv=None) -> None:
             dtype = getattr(torch, dtype_name)
             machine = measure_machine(dtype, args.smoke)
             print(f"\n{dtype_name}: matmul peak {machine.peak_gflops:.0f} GFLOP/s, read bandwidth {machine.read_gbs:.1f} GB/s")
-            print("| batch | step ms (best) | forward ms | logits ms | host ms | compute floor ms | memory floor ms "
-                  "| step / floor | tok/s |")
-            print("|---|---|---|---|---|---|---|---|---|")
-            llm = LLM(model=source.local_dir, dtype=dtype_name, max_loras=max(1, args.num_adapters),
-                      max_lora_rank=args.rank, max_num_seqs=max(batches), enable_prefix_caching=False)
-            for n, d in dirs.items():
-                llm.add_adapter(n, d)
-            for batch in batches:
-                t = time_decode(llm, batch, args.context, names or [None], args.steps, cfg.vocab_size, args.profile)
-                cost = decode_step_cost(cfg, batch, args.context + args.steps // 2, args.rank,
-                                        min(args.num_adapters, batch), dtype)
-                compute_ms = cost.flops / machine.peak_gflops / 1e6
-                memory_ms = cost.bytes / machine.read_gbs / 1e6
-                wall = t["wall"] * 1e3
-                host = wall - (t["forward"] + t["logits"]) * 1e3
-                print(f"| {batch} | {wall:.1f} ({t['best'] * 1e3:.1f}) | {t['forward'] * 1e3:.1f} | {t['logits'] * 1e3:.1f} "
-                      f"| {host:.1f} | {compute_ms:.1f} | {memory_ms:.1f} | {wall / max(compute_ms, memory_ms):.1f}x "
-                      f"| {batch / t['wall']:.0f} |", flush=True)
-            del llm
+            print("| slots | batch | step ms (best) | forward ms | logits ms | host ms | LoRA op ms (share) "
+                  "| compute floor ms | memory floor ms | step / floor | tok/s |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|")
+            for lora_dtype in args.lora_dtypes.split(","):
+                run_rows(args, source, cfg, dirs, names, batches, machine, dtype, dtype_name, lora_dtype)
+
+
+def run_rows(args, source, cfg, dirs, names, batches, machine, dtype, dtype_name, lora_dtype) -> None:
+    """One engine with `lora_dtype` slots, a row per batch size."""
+    llm = LLM(model=args.model, dtype=dtype_name, max_loras=max(1, args.num_adapters), lora_dtype=lora_dtype,
+              max_lora_rank=args.rank, max_num_seqs=max(batches), enable_prefix_caching=False)
+    for n, d in dirs.items():
+        llm.add_adapter(n, d)
+    for batch in batches:
+        t = time_decode(llm, batch, args.context, names or [None], args.steps, cfg.vocab_size, args.profile)
+        cost = decode_step_cost(cfg, batch, args.context + args.steps // 2, args.rank,
+                                min(args.num_adapters, batch), dtype)
+        compute_ms = cost.flops / machine.peak_gflops / 1e6
+        memory_ms = cost.bytes / machine.read_gbs / 1e6
+        wall = t["wall"] * 1e3
+        host = wall - (t["forward"] + t["logits"]) * 1e3
+        print(f"| {lora_dtype} | {batch} | {wall:.1f} ({t['best'] * 1e3:.1f}) | {t['forward'] * 1e3:.1f} "
+              f"| {t['logits'] * 1e3:.1f} | {host:.1f} | {t['lora']:.1f} ({100 * t['lora'] / wall:.0f}%) "
+              f"| {compute_ms:.1f} | {memory_ms:.1f} | {wall / max(compute_ms, memory_ms):.1f}x "
+              f"| {batch / t['wall']:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

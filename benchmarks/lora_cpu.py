@@ -13,6 +13,8 @@ against the formulations it replaces; the CPU counterpart of benchmarks/kernels.
 3. rank-aware cost: a batch mixing rank-8 and rank-128 adapters against all-8 and all-128;
    "all 128" is also what the mixed batch costs where every adapter is padded to the
    largest rank (vLLM's layout)
+4. int8 slots (`--lora-dtype int8`): the op on int8 codes against the op on slots of the
+   activation dtype, same shapes, same run
 
 Bytes counted are those the add must move at least: x, the weights of the adapters in the
 batch at their rank, and y read and written. Every timed call cycles through copies of
@@ -71,7 +73,7 @@ def best_ms(fn, reps: int) -> float:
     return best * 1e3
 
 
-def per_adapter_loop(y, x, A, Bs, out_slices, meta):
+def per_adapter_loop(y, x, A, Bs, out_slices, meta, scale=None):
     """HF+PEFT's mixed-batch formulation: for each adapter, gather its tokens, run its
     two matmuls, scatter the delta back."""
     slots = meta.token_slots.tolist()
@@ -90,16 +92,22 @@ class Problem:
     t % n), weights in slot buffers at the largest rank, copied until the bytes one add
     reads, over all copies, are twice the LLC."""
 
-    def __init__(self, hidden: int, ranks: list[int], batch: int, dtype, llc_bytes: int):
+    def __init__(self, hidden: int, ranks: list[int], batch: int, dtype, llc_bytes: int, int8: bool = False):
         n, r_max = len(ranks), max(ranks)
         slots = [t % n for t in range(batch)]
         used = sum(ranks[s] for s in set(slots))
-        self.bytes = (used * 2 * hidden + 3 * batch * hidden) * dtype.itemsize
-        copy_bytes = n * 2 * hidden * r_max * dtype.itemsize
+        wsize = 1 if int8 else dtype.itemsize
+        self.bytes = used * 2 * hidden * wsize + 3 * batch * hidden * dtype.itemsize
+        copy_bytes = n * 2 * hidden * r_max * wsize
         self.copies = max(1, min(-(-2 * llc_bytes // self.bytes), MAX_ALLOC_BYTES // copy_bytes))
-        self.weights = [(torch.randn(n, hidden, r_max, 1, dtype=dtype) / hidden ** 0.5,
-                         [torch.randn(n, r_max, hidden, dtype=dtype) / r_max ** 0.5])
-                        for _ in range(self.copies)]
+        if int8:       # codes and the per-column scale int8 slots hold (adapters/slot_pool.py LoRAGroup)
+            codes = lambda *shape: torch.randint(-127, 128, shape, dtype=torch.int8)
+            self.weights = [(codes(n, hidden, r_max, 1), [codes(n, r_max, hidden)]) for _ in range(self.copies)]
+        else:
+            self.weights = [(torch.randn(n, hidden, r_max, 1, dtype=dtype) / hidden ** 0.5,
+                             [torch.randn(n, r_max, hidden, dtype=dtype) / r_max ** 0.5])
+                            for _ in range(self.copies)]
+        self.scale = torch.full((n, r_max), 1e-6) if int8 else None
         self.meta = build_lora_meta(slots, ranks)
         self.x = torch.randn(batch, hidden, dtype=dtype)
         self.y = torch.zeros(batch, hidden, dtype=dtype)
@@ -109,7 +117,7 @@ class Problem:
         """ms per add, each add on the next weight copy."""
         def run():
             for A, Bs in self.weights:
-                impl(self.y, self.x, A, Bs, self.out_slices, self.meta)
+                impl(self.y, self.x, A, Bs, self.out_slices, self.meta, scale=self.scale)
         return best_ms(run, reps) / self.copies
 
 
@@ -148,11 +156,25 @@ def bench_rank_mix(sizes: Sizes, dtype) -> str:
     return "\n".join(lines)
 
 
+def bench_int8(sizes: Sizes, dtype) -> str:
+    hidden, rank = sizes.hidden, sizes.rank
+    lines = [f"### int8 slots: hidden {hidden}, rank {rank}, one projection, activations {dtype}",
+             "", f"| adapters | batch | {dtype} slots us | int8 slots us | {dtype} / int8 |", "|---|---|---|---|---|"]
+    print("\n" + "\n".join(lines), flush=True)
+    for n in sizes.adapter_counts:
+        for batch in sizes.batches:
+            full = Problem(hidden, [rank] * n, batch, dtype, sizes.llc_bytes).ms(add_lora_cpu)
+            q = Problem(hidden, [rank] * n, batch, dtype, sizes.llc_bytes, int8=True).ms(add_lora_cpu)
+            lines.append(f"| {n} | {batch} | {full * 1e3:.0f} | {q * 1e3:.0f} | {full / q:.2f} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.lora_cpu",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated torch dtypes")
-    parser.add_argument("--only", choices=["decode", "ranks"], help="run one section")
+    parser.add_argument("--only", choices=["decode", "ranks", "int8"], help="run one section")
     parser.add_argument("--write", action="store_true", help="replace this script's section of RESULTS.md")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, to check that the script runs")
     args = parser.parse_args(argv)
@@ -174,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                 sections.append(bench_decode(sizes, dtype, copy_gbs))
             if args.only in (None, "ranks"):
                 sections.append(bench_rank_mix(sizes, dtype))
+            if args.only in (None, "int8"):
+                sections.append(bench_int8(sizes, dtype))
     if args.write and not args.smoke:
         write_section(os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"),
                       "lora_cpu.py", "\n\n".join(sections))

@@ -189,6 +189,10 @@ typedef int8_t vc_u __attribute__((vector_size(16), aligned(1), may_alias));
 struct UnitI8 {
   static constexpr int W = 16, NF = 1;
   static inline void load(const int8_t* p, int n, vf* out) {
+#ifdef SGMV_AVX512
+    const __m128i c = n == W ? _mm_loadu_si128((const __m128i*)p) : _mm_maskz_loadu_epi8((__mmask16)((1u << n) - 1), p);
+    out[0] = (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(c));
+#else
     vc c;
     if (n == W) {
       c = *(const vc_u*)p;
@@ -197,6 +201,7 @@ struct UnitI8 {
       for (int i = 0; i < n; ++i) c[i] = p[i];
     }
     out[0] = __builtin_convertvector(c, vf);
+#endif
   }
 };
 
@@ -266,51 +271,60 @@ void expand_tile(const float* v, int64_t ldv, int n_proj, int p, const T* b, int
   }
 }
 
-// int8 slots: v[m, cols] = sum_k xs[m, k] * a_q[k, cols] (unscaled), NU units of 16 codes
-template <int NU>
+// int8 slots: v[m, cols] = sum_k xs[m, k] * a_q[k, cols] (unscaled), NU units of 16 codes,
+// for the tile's first MTT tokens only: a decode block often has one or two tokens per
+// adapter, and the codes' conversion leaves no cycles for padding rows
+template <int NU, int MTT>
 void shrink_tile_i8(const float* xs, const int8_t* a, int64_t lda, int64_t K, int last, float* v, int64_t ldv) {
   const int64_t ahead = std::max<int64_t>(1, kShrinkAheadBytes / lda) * lda;
-  vf acc[MT][NU] = {};
+  vf acc[MTT][NU] = {};
   for (int64_t k = 0; k < K; ++k) {
     const int8_t* row = a + k * lda;
     __builtin_prefetch(row + ahead);
     vf b[NU];
     SGMV_UNROLL for (int j = 0; j < NU; ++j) UnitI8::load(row + j * 16, j == NU - 1 ? last : 16, b + j);
-    SGMV_UNROLL for (int m = 0; m < MT; ++m) {
+    SGMV_UNROLL for (int m = 0; m < MTT; ++m) {
       const float xm = xs[m * K + k];
       SGMV_UNROLL for (int j = 0; j < NU; ++j) acc[m][j] += xm * b[j];
     }
   }
-  SGMV_UNROLL for (int m = 0; m < MT; ++m)
+  SGMV_UNROLL for (int m = 0; m < MTT; ++m)
     SGMV_UNROLL for (int j = 0; j < NU; ++j) *(vf_u*)(v + m * ldv + j * 16) = acc[m][j];
 }
 
 // int8 slots: y_m[cols] += sum_{k < rank} v[m, k * n_proj + p] * b_q[k, cols], v already scaled
-template <typename T, int NU>
+template <typename T, int NU, int MTT>
 void expand_tile_i8(const float* v, int64_t ldv, int n_proj, int p, const int8_t* b, int64_t ldb, int rank,
-                    int last, T* const* y_rows, int mt) {
-  vf acc[MT][NU] = {};
+                    int last, T* const* y_rows) {
+  vf acc[MTT][NU] = {};
   for (int k = 0; k < rank; ++k) {
     const int8_t* row = b + k * ldb;
-    __builtin_prefetch(row + kExpandAheadChunks * kChunk);
+    __builtin_prefetch(row + 2 * kExpandAheadChunks * kChunk);   // the bf16 distance in bytes
     vf w[NU];
     SGMV_UNROLL for (int j = 0; j < NU; ++j) UnitI8::load(row + j * 16, j == NU - 1 ? last : 16, w + j);
-    SGMV_UNROLL for (int m = 0; m < MT; ++m) {
+    SGMV_UNROLL for (int m = 0; m < MTT; ++m) {
       const float vm = v[m * ldv + k * n_proj + p];
       SGMV_UNROLL for (int j = 0; j < NU; ++j) acc[m][j] += vm * w[j];
     }
   }
-  for (int m = 0; m < mt; ++m)
+  SGMV_UNROLL for (int m = 0; m < MTT; ++m) {
+    if (y_rows[m] == nullptr) break;             // a 3-token tile runs as 4; its pad row writes nothing
     SGMV_UNROLL for (int j = 0; j < NU; ++j) add16<T>(y_rows[m] + j * 16, acc[m][j], j == NU - 1 ? last : 16);
+  }
 }
 
-#define SGMV_DISPATCH_I8(nu, ...)                       \
-  switch (nu) {                                         \
+#define SGMV_DISPATCH_NU(nu, ...)                         \
+  switch (nu) {                                           \
     case 1: { constexpr int NU = 1; __VA_ARGS__; break; } \
     case 2: { constexpr int NU = 2; __VA_ARGS__; break; } \
     case 3: { constexpr int NU = 3; __VA_ARGS__; break; } \
     default: { constexpr int NU = 4; __VA_ARGS__; break; } \
   }
+// calls the body with constants NU = nu and MTT = the tile's tokens rounded up to 1, 2 or 4
+#define SGMV_DISPATCH_I8(nu, mt, ...)                                                     \
+  if (mt == 1) { constexpr int MTT = 1; SGMV_DISPATCH_NU(nu, __VA_ARGS__) }               \
+  else if (mt == 2) { constexpr int MTT = 2; SGMV_DISPATCH_NU(nu, __VA_ARGS__) }          \
+  else { constexpr int MTT = MT; SGMV_DISPATCH_NU(nu, __VA_ARGS__) }
 
 // Column chunks of kChunk columns in units of 16 int8 codes
 template <typename F>
@@ -428,7 +442,7 @@ void run_block_i8(const Step& s, const Block& blk, const T* x, const int8_t* A,
       }
     }
     for_column_chunks_i8(C, [&](int64_t c0, int nu, int last) {
-      SGMV_DISPATCH_I8(nu, shrink_tile_i8<NU>(xs.data(), a + c0, lda, s.K, last, v.data() + c0, ldv));
+      SGMV_DISPATCH_I8(nu, mt, shrink_tile_i8<NU, MTT>(xs.data(), a + c0, lda, s.K, last, v.data() + c0, ldv));
     });
     for (int m = 0; m < mt; ++m)
       for (int64_t c = 0; c < C; ++c) v[m * ldv + c] *= sc[c];
@@ -437,8 +451,8 @@ void run_block_i8(const Step& s, const Block& blk, const T* x, const int8_t* A,
       for_column_chunks_i8(s.outs[p], [&](int64_t c0, int nu, int last) {
         T* rows[MT];
         for (int m = 0; m < MT; ++m) rows[m] = y_rows[m] ? y_rows[m] + s.offs[p] + c0 : nullptr;
-        SGMV_DISPATCH_I8(nu, expand_tile_i8<T, NU>(v.data(), ldv, (int)s.n_proj, (int)p, b + c0, s.outs[p],
-                                                   (int)blk.rank, last, rows, mt));
+        SGMV_DISPATCH_I8(nu, mt, expand_tile_i8<T, NU, MTT>(v.data(), ldv, (int)s.n_proj, (int)p, b + c0,
+                                                            s.outs[p], (int)blk.rank, last, rows));
       });
     }
   }

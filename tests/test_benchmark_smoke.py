@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("module, sections", [
-    ("benchmarks.lora_cpu", ["### decode shapes", "### rank-aware cost"]),
+    ("benchmarks.lora_cpu", ["### decode shapes", "### rank-aware cost", "### int8 slots"]),
     ("benchmarks.cpu_step", ["matmul peak", "| step / floor |"]),
     ("benchmarks.matmul_cpu", ["| bfloat16 | M |", "| float32 | M |"]),
     ("benchmarks.kernels", ["## LoRA decode", "## rank-aware LoRA", "## paged attention decode", "decode step"]),
