@@ -378,6 +378,22 @@ struct Block {
   int64_t slot, rank, p0, p1;  // sorted positions [p0, p1) of one segment
 };
 
+// The tile's x rows widened to fp32 into xs (pad rows zero) and its y rows (pad: nullptr)
+template <typename T>
+void tile_rows(const Step& s, const T* x, T* y, int64_t m0, int mt, float* xs, T** y_rows) {
+  for (int m = 0; m < MT; ++m) {
+    float* xm = xs + m * s.K;
+    if (m < mt) {
+      const T* xr = x + s.tokens[m0 + m] * s.ldx;
+      for (int64_t k = 0; k < s.K; ++k) xm[k] = (float)xr[k];
+      y_rows[m] = y + s.tokens[m0 + m] * s.ldy;
+    } else {
+      std::fill(xm, xm + s.K, 0.f);
+      y_rows[m] = nullptr;
+    }
+  }
+}
+
 template <typename T>
 void run_block(const Step& s, const Block& blk, const T* x, const T* A,
                const std::vector<const T*>& Bs, T* y, std::vector<float>& xs, std::vector<float>& v) {
@@ -390,17 +406,7 @@ void run_block(const Step& s, const Block& blk, const T* x, const T* A,
   for (int64_t m0 = blk.p0; m0 < blk.p1; m0 += MT) {
     const int mt = (int)std::min<int64_t>(MT, blk.p1 - m0);
     T* y_rows[MT];
-    for (int m = 0; m < MT; ++m) {                // the tile's x rows in fp32; pad rows zero
-      float* xm = xs.data() + m * s.K;
-      if (m < mt) {
-        const T* xr = x + s.tokens[m0 + m] * s.ldx;
-        for (int64_t k = 0; k < s.K; ++k) xm[k] = (float)xr[k];
-        y_rows[m] = y + s.tokens[m0 + m] * s.ldy;
-      } else {
-        std::fill(xm, xm + s.K, 0.f);
-        y_rows[m] = nullptr;
-      }
-    }
+    tile_rows(s, x, y, m0, mt, xs.data(), y_rows);
     for_column_chunks<T>(C, [&](int64_t c0, int nu, int last) {
       SGMV_DISPATCH(T, nu, last, shrink_tile<T, NU, HALF>(xs.data(), a + c0, lda, s.K, last, v.data() + c0, ldv));
     });
@@ -430,17 +436,7 @@ void run_block_i8(const Step& s, const Block& blk, const T* x, const int8_t* A,
   for (int64_t m0 = blk.p0; m0 < blk.p1; m0 += MT) {
     const int mt = (int)std::min<int64_t>(MT, blk.p1 - m0);
     T* y_rows[MT];
-    for (int m = 0; m < MT; ++m) {
-      float* xm = xs.data() + m * s.K;
-      if (m < mt) {
-        const T* xr = x + s.tokens[m0 + m] * s.ldx;
-        for (int64_t k = 0; k < s.K; ++k) xm[k] = (float)xr[k];
-        y_rows[m] = y + s.tokens[m0 + m] * s.ldy;
-      } else {
-        std::fill(xm, xm + s.K, 0.f);
-        y_rows[m] = nullptr;
-      }
-    }
+    tile_rows(s, x, y, m0, mt, xs.data(), y_rows);
     for_column_chunks_i8(C, [&](int64_t c0, int nu, int last) {
       SGMV_DISPATCH_I8(nu, mt, shrink_tile_i8<NU, MTT>(xs.data(), a + c0, lda, s.K, last, v.data() + c0, ldv));
     });

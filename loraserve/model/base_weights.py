@@ -63,44 +63,55 @@ class PackedWeight:
         return self.shape.numel() * self.dtype.itemsize + _nbytes(self.bias)
 
 
-class Int8Weight:
-    """int8 codes per output channel; y = (x @ codes^T) * scale, in x's dtype."""
+class _QuantizedWeight:
+    """The part the int8 and int4 formats share: a library matmul on codes kept in its
+    packed form only (no second, unpacked copy), the bias after it, and dense() read back
+    through that same matmul, so DoRA's norms see exactly the weights that are served."""
 
-    def __init__(self, q: QuantizedRows, bias: torch.Tensor | None, dtype: torch.dtype):
-        self.q, self.bias, self.dtype = q, bias, dtype
-        self.codes = q.codes.contiguous()
-        self.scales = q.scales.view(-1).to(dtype)
+    bias: torch.Tensor | None
+    dtype: torch.dtype
+    in_features: int
+
+    def _mm(self, x2d: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.codes, self.scales)
-        y = y.view(*x.shape[:-1], -1)
+        y = self._mm(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
     def dense(self) -> torch.Tensor:
-        return self.q.dequantize().to(self.dtype)
+        """W [out, in]: the matmul of the identity, 1024 rows of it at a time."""
+        eye = torch.eye(self.in_features, dtype=self.dtype)
+        return torch.cat([self._mm(eye[i : i + 1024].contiguous()) for i in range(0, self.in_features, 1024)]).t()
+
+
+class Int8Weight(_QuantizedWeight):
+    """int8 codes per output channel; y = (x @ codes^T) * scale, in x's dtype."""
+
+    def __init__(self, q: QuantizedRows, bias: torch.Tensor | None, dtype: torch.dtype):
+        self.bias, self.dtype, self.in_features = bias, dtype, q.codes.shape[1]
+        self.codes = q.codes.contiguous()
+        self.scales = q.scales.view(-1).to(dtype)
+
+    def _mm(self, x2d: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(x2d, self.codes, self.scales)
 
     @property
     def nbytes(self) -> int:
         return _nbytes(self.codes) + _nbytes(self.scales) + _nbytes(self.bias)
 
 
-class Int4Weight:
+class Int4Weight(_QuantizedWeight):
     """int4 codes in groups along the input, packed once into the CPU kernel's layout."""
 
     def __init__(self, q: QuantizedRows, bias: torch.Tensor | None, dtype: torch.dtype):
-        self.q, self.bias, self.dtype, self.group = q, bias, dtype, q.group
+        self.bias, self.dtype, self.in_features, self.group = bias, dtype, q.codes.shape[1], q.group
         self.packed = torch._convert_weight_to_int4pack_for_cpu(q.codes.to(torch.int32).contiguous(), 2)
         # [in // group, out, 2]: (scale, zero) pairs, the kernel's form
         self.scales_and_zeros = torch.stack([q.scales, q.zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), self.packed, self.group,
-                                              self.scales_and_zeros)
-        y = y.view(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias
-
-    def dense(self) -> torch.Tensor:
-        return self.q.dequantize().to(self.dtype)
+    def _mm(self, x2d: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(x2d, self.packed, self.group, self.scales_and_zeros)
 
     @property
     def nbytes(self) -> int:
