@@ -36,7 +36,7 @@ ENGINE_FLAGS = {
     "max_lora_rank": "largest LoRA rank accepted; slot buffers are sized to it",
     "lora_dtype": "dtype of the device adapter slots: auto = --dtype; int8 = int8 codes with a scale per rank "
                   "column, converted as the LoRA kernels read them: half of bf16's slot bytes, so twice the "
-                  "--max-loras in the same memory; logits move by ~1% of each adapter's effect",
+                  "--max-loras in the same memory; logits move by ~1%% of each adapter's effect",
     "max_module_copy_bytes": "largest modules_to_save copies (full embed_tokens / lm_head) one adapter may "
                              "carry, in fp32 bytes; larger adapters are refused at upload",
     "max_cpu_loras": "adapters kept loaded in CPU memory (default 4 x --max-loras)",
