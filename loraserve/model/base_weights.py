@@ -147,9 +147,12 @@ def pack_base_weights(model: torch.nn.Module, batch_hint: int, quantization: str
         weight = proj.weight.detach()
         bias = None if proj.bias is None else proj.bias.detach()
         if quantization in BITS:
-            q = (quantized or {}).get(name) or quantize(weight, BITS[quantization])
-            fmt = Int8Weight if q.bits == 8 else Int4Weight
-            proj.base = fmt(q, bias, weight.dtype)
+            try:
+                q = (quantized or {}).get(name) or quantize(weight, BITS[quantization])
+                proj.base = (Int8Weight if q.bits == 8 else Int4Weight)(q, bias, weight.dtype)
+            except (RuntimeError, ValueError) as e:   # a shape the kernel does not take (int4: out % 16)
+                raise ValueError(f"--quantization {quantization} cannot pack projection {name} of shape "
+                                 f"{tuple(weight.shape)}: {e}; use --quantization int8 or none") from e
         elif can_pack(weight.device, weight.dtype):
             proj.base = PackedWeight(weight, bias, batch_hint)
         else:

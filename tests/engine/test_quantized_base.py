@@ -202,3 +202,14 @@ def test_every_adapter_kind_serves_on_an_int4_base(tiny_models, tmp_path_factory
     llm = make_llm(base_dir, adapters, quantization="int4", max_loras=len(adapters))
     outs, logits = run_and_record(llm, PROMPTS[: len(plan)], plan, GREEDY)
     check_against_oracle(PeftOracles(ref_dir, adapters), outs, logits, plan)
+
+
+def test_a_shape_int4_cannot_pack_is_a_clear_error():
+    from loraserve.model.base_weights import pack_base_weights
+    from loraserve.model.layers import LoRAProjection
+
+    model = torch.nn.Module()
+    model.proj = LoRAProjection("o", 64, 24, False, None)      # 24 outputs: torch's int4 packing needs 16k
+    torch.nn.init.normal_(model.proj.weight)
+    with pytest.raises(ValueError, match=r"int4 cannot pack projection proj of shape \(24, 64\).*int8 or none"):
+        pack_base_weights(model, 8, "int4")
