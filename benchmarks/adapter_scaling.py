@@ -94,7 +94,11 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def plot(path: str, counts: list[int], table: dict, args) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:     # the table above is the result; the plot is the `bench` extra's
+        print("no plot: matplotlib is not installed (pip install matplotlib, or the project's [bench] extra)")
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
