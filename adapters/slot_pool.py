@@ -97,7 +97,6 @@ class LoRAGroup:
         if self.dora is not None:
             self.dora[slot].copy_(torch.ones(self.dora.shape[1]) if scale is None else scale.to(self.dora.dtype))
 
-
     def _quantize(self, slot: int, rank: int, packed: torch.Tensor, b_rows: list[torch.Tensor]):
         """int8 codes of A's packed columns and of each B_p's rows; the combined scale of
         column (r, p) into self.scale[slot] (zero where the adapter has nothing)."""
