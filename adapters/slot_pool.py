@@ -107,12 +107,26 @@ class LoRAGroup:
         cols = rank * n_proj
         combined[:cols] = a_scale[:cols] * torch.stack(b_scales, dim=1).reshape(-1)   # j = r * n_proj + p
         self.scale[slot].copy_(combined)
-        codes = lambda w, s: (w / s.clamp(min=1e-30)).round().clamp(-127, 127)
-        return codes(packed, a_scale[None]), [codes(rows, bs[:, None]) for rows, bs in zip(b_rows, b_scales)]
+        return _codes(packed, a_scale[None]), [_codes(rows, bs[:, None]) for rows, bs in zip(b_rows, b_scales)]
 
 
 def _absmax_scale(w: torch.Tensor, dim: int) -> torch.Tensor:
     return w.abs().amax(dim=dim) / 127
+
+
+def _codes(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (w / scale.clamp(min=1e-30)).round().clamp(-127, 127)
+
+
+def int8_served(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (lora_a, lora_b) that int8 slots serve: each rank row of A and each rank row of
+    s*B rounded as LoRAGroup._quantize rounds them, back in PEFT's shapes. DoRA's norm is
+    taken over these, so its rescale matches the delta the kernels compute."""
+    a = lora_a.float()
+    a_scale = _absmax_scale(a, dim=1)[:, None]
+    b = lora_b.t().float() * scaling                                    # [rank, out]
+    b_scale = _absmax_scale(b, dim=1)[:, None]
+    return _codes(a, a_scale) * a_scale, (_codes(b, b_scale) * b_scale / scaling).t()
 
 
 def group_shapes(spec: BaseModelSpec) -> dict[str, tuple[int, list[int]]]:
@@ -270,8 +284,10 @@ class SlotPool:
         parts = []
         for m in GROUP_MODULES[group]:
             if (layer, m) in adapter.magnitude:
-                parts.append(dora_scale(self.base_weight(layer, m), adapter.lora_a[layer, m],
-                                        adapter.lora_b[layer, m], adapter.scaling, adapter.magnitude[layer, m]))
+                a, b = adapter.lora_a[layer, m], adapter.lora_b[layer, m]
+                if self.layers and self.layers[layer][group].scale is not None:
+                    a, b = int8_served(a, b, adapter.scaling)            # the norm of what is served
+                parts.append(dora_scale(self.base_weight(layer, m), a, b, adapter.scaling, adapter.magnitude[layer, m]))
             else:
                 parts.append(torch.ones(self.base_weight(layer, m).shape[0]))
         return torch.cat(parts)

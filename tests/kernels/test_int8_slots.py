@@ -121,3 +121,23 @@ def test_triton_kernels_match_the_int8_reference(device, path, kind):
     else:
         out = add_lora_bgmv(*args, blocks.meta, scale=to(q.scale))
     torch.testing.assert_close(out.float().cpu(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_int8_served_pairs_are_what_the_slots_hold():
+    """DoRA's norm at int8 is taken over int8_served(A, B): they must be exactly the
+    weights the codes and scales stand for (delta W_p = (A_q * scale_p) @ B_q_p)."""
+    from loraserve.adapters.slot_pool import int8_served
+    from loraserve.kernels.sgmv import slot_a
+
+    gen = torch.Generator().manual_seed(3)
+    rank, outs, scaling = 8, (96, 24, 40), 2.0
+    pairs = [(torch.randn(rank, HIDDEN, generator=gen), torch.randn(o, rank, generator=gen)) for o in outs]
+    g = LoRAGroup.empty(HIDDEN, list(outs), 2, 16, torch.float32, "cpu", int8=True)
+    g.load(1, rank, pairs, scaling)
+    codes = slot_a(g.A, 1, rank).float().view(HIDDEN, rank, 3)
+    scale = g.scale[1, : rank * 3].view(rank, 3)
+    for p, (a, b) in enumerate(pairs):
+        stored = (codes[:, :, p] * scale[:, p]) @ g.Bs[p][1, :rank].float()          # [in, out]
+        a_served, b_served = int8_served(a, b, scaling)
+        torch.testing.assert_close(stored, scaling * (b_served @ a_served).t(), rtol=1e-5, atol=1e-6)
+        assert not torch.equal(a_served, a)                               # it did round
