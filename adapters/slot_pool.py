@@ -282,12 +282,12 @@ class SlotPool:
         if self.base_weight is None:
             raise RuntimeError("DoRA needs the base weights: the model must bind them (SlotPool.bind_base)")
         parts = []
-        for m in GROUP_MODULES[group]:
+        for m, (_, width) in zip(GROUP_MODULES[group], self.layers[layer][group].out_slices):
             if (layer, m) in adapter.magnitude:
                 a, b = adapter.lora_a[layer, m], adapter.lora_b[layer, m]
                 if self.layers and self.layers[layer][group].scale is not None:
                     a, b = int8_served(a, b, adapter.scaling)            # the norm of what is served
                 parts.append(dora_scale(self.base_weight(layer, m), a, b, adapter.scaling, adapter.magnitude[layer, m]))
-            else:
-                parts.append(torch.ones(self.base_weight(layer, m).shape[0]))
+            else:       # no W needed: on a quantized base reading it back is a matmul
+                parts.append(torch.ones(width))
         return torch.cat(parts)
