@@ -17,9 +17,11 @@ Background cap: while a more urgent request is waiting or running, and for
 `background_hold_steps` steps after (interactive traffic comes in sessions; the step
 already running when a request arrives is part of its time to first token), the less
 urgent requests take at most `max_background_tokens` tokens of a step: a decode is one,
-a prompt is chunked to what is left. The oldest of them take the cap first, so at least
-one always moves on: background work slows down, it never stops. With no urgent work
-in sight the cap is off and background work runs at full speed.
+a prompt is chunked to what is left. The oldest of them take the cap first. A step that
+prefills an urgent prompt carries no background tokens at all (that step is the urgent
+request's time to first token), unless the step before held them out too: background
+work moves at least every other step, so it slows down but never stops. With no urgent
+work in sight the cap is off and background work runs at full speed.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class Scheduler:
     _urgent_seen: dict[int, int] = field(default_factory=dict)   # priority -> last step it was the most urgent
     _background_above: int | None = None    # this step: requests less urgent than this are background
     _background_left: int = 0               # this step: tokens background requests may still take
+    _held_last_step: bool = False           # the last step held background rows out for an urgent prefill
 
     def add(self, seq: Sequence) -> None:
         """Behind every waiting request of the same or a more urgent priority."""
@@ -94,10 +97,13 @@ class Scheduler:
         yielded = self._yield_to_urgent()
         self.running.sort(key=lambda s: s.priority)     # stable: arrival order within a priority
         self._start_background_cap()
-        preempted = self._schedule_running(items, budget)
-        budget -= sum(n for _, n in items)
+        held = self._hold_background_for_urgent_prefill()
+        preempted = self._schedule_running(items, budget, self.running)
         if not preempted:
-            self._admit_waiting(items, budget)
+            self._admit_waiting(items, budget - sum(n for _, n in items))
+            if held and not self._prefills_urgent(items):
+                preempted = self._release_held_background(items, budget)
+        self._held_last_step = held and self._prefills_urgent(items)
         return ScheduledBatch(items, preempted + yielded)
 
     def _yield_to_urgent(self) -> int:
@@ -128,6 +134,32 @@ class Scheduler:
         self._background_above = min(recent) if recent and self.max_background_tokens > 0 else None
         self._background_left = self.max_background_tokens
 
+    def _hold_background_for_urgent_prefill(self) -> bool:
+        """Spend the background allowance up front when an urgent prompt will likely be
+        prefilled this step (one running mid-prompt, or one at the head of the queue),
+        unless the last step was held too. Returns whether it held."""
+        urgent = self._background_above
+        if urgent is None or self._held_last_step or not self.running or self.running[-1].priority <= urgent:
+            return False        # no cap, held last step, or no background request running (running is urgent-first)
+        candidates = [s for s in self.running if s.priority <= urgent]
+        if self.waiting and self.waiting[0].priority <= urgent:
+            candidates.append(self.waiting[0])
+        if not any(s.num_tokens - s.num_computed_tokens > 1 for s in candidates):
+            return False
+        self._background_left = 0
+        return True
+
+    def _release_held_background(self, items, budget: int) -> int:
+        """The urgent prompt did not start after all (no slot, no blocks): the background
+        rows that were held out take their allowance as usual. Returns preemptions."""
+        self._background_left = self.max_background_tokens
+        scheduled = {id(s) for s, _ in items}
+        held = [s for s in self.running if s.priority > self._background_above and id(s) not in scheduled]
+        return self._schedule_running(items, budget - sum(n for _, n in items), held)
+
+    def _prefills_urgent(self, items) -> bool:
+        return self._background_above is not None and _prefills_more_urgent(items, self._background_above + 1)
+
     def _capped(self, seq: Sequence, n: int) -> int:
         """n, cut to the background allowance when seq is background this step."""
         if self._background_above is None or seq.priority <= self._background_above:
@@ -145,11 +177,13 @@ class Scheduler:
         n = min(seq.num_tokens - len(hits) * self.blocks.block_size, self.max_num_batched_tokens)
         return not self.blocks.can_admit(seq, hits, n)
 
-    def _schedule_running(self, items, budget: int) -> int:
+    def _schedule_running(self, items, budget: int, seqs: list[Sequence]) -> int:
+        """Each of `seqs` (running, urgent first) in turn, preempting the newest running
+        request when KV blocks run out. Returns how many were preempted."""
         preempted = 0
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        for seq in list(seqs):
+            if budget <= 0 or seq.status is not SequenceStatus.RUNNING:
+                break       # out of budget, or preempted for an earlier one: so is every later one
             n = self._capped(seq, min(seq.num_tokens - seq.num_computed_tokens, budget))
             if n == 0:
                 break       # the background allowance is spent; every later request is background too
@@ -163,7 +197,6 @@ class Scheduler:
             items.append((seq, n))
             self._take(seq, n)
             budget -= n
-            i += 1
         return preempted
 
     def _admit_waiting(self, items, budget: int) -> None:

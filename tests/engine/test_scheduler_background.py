@@ -1,10 +1,12 @@
 """The background cap with plain sequences: while interactive work is about, Batch API
-lines take at most max_background_tokens of a step, and keep moving; without it they
-run at full speed."""
+lines take at most max_background_tokens of a step, none of a step that prefills an
+interactive prompt (unless the step before held them out too), and keep moving; without
+it they run at full speed."""
 
 from schedkit import AnyAdapter, step
 from schedkit import prompt_seq as seq
 
+from loraserve.adapters.pin import Pin
 from loraserve.block_manager import BlockManager
 from loraserve.scheduler import BATCH_PRIORITY, INTERACTIVE_PRIORITY, Scheduler
 from loraserve.sequence import Sequence
@@ -34,14 +36,31 @@ def test_without_interactive_work_every_batch_line_runs_each_step():
     assert background_tokens(batch) == 8 and len(batch.items) == 8
 
 
-def test_an_interactive_prefill_step_carries_at_most_the_cap_of_batch_tokens():
+def test_an_interactive_prefill_step_carries_no_batch_tokens_and_the_next_step_the_cap():
     sched = make(cap=2)
     lines = decoding_batch_lines(sched, 8)
     sched.add(seq(50, 20, INTERACTIVE_PRIORITY))
     batch = step(sched)
-    assert [(s.seq_id, n) for s, n in batch.items if s.priority == INTERACTIVE_PRIORITY] == [(50, 20)]
-    assert background_tokens(batch) == 2
-    assert [s for s, _ in batch.items if s.priority == BATCH_PRIORITY] == lines[:2]   # the oldest take the cap
+    assert [(s.seq_id, n) for s, n in batch.items] == [(50, 20)]     # the interactive request's TTFT step
+    batch = step(sched)
+    assert [(s.seq_id, n) for s, n in batch.items] == [(50, 1), (lines[0].seq_id, 1), (lines[1].seq_id, 1)]
+
+
+class NoSlot(AnyAdapter):
+    """Adapter "busy" never pins: a request for it waits for a slot."""
+
+    def try_pin(self, key):
+        return Pin.NO_SLOT if key == "busy" else super().try_pin(key)
+
+
+def test_batch_lines_are_not_held_for_an_interactive_prompt_that_cannot_start():
+    sched = Scheduler(BlockManager(256, 4), NoSlot(), 16, 64, max_background_tokens=2)
+    decoding_batch_lines(sched, 4)
+    waiting = seq(50, 20, INTERACTIVE_PRIORITY)
+    waiting.adapter_key = "busy"
+    sched.add(waiting)
+    batch = step(sched)
+    assert background_tokens(batch) == 2 and waiting in sched.waiting
 
 
 def test_while_an_interactive_request_decodes_batch_prompts_are_chunked_to_the_cap():
@@ -58,15 +77,14 @@ def test_batch_lines_keep_moving_under_continuous_interactive_load():
     sched = make(cap=1)
     lines = decoding_batch_lines(sched, 4)
     done = {line.seq_id: line.num_computed_tokens for line in lines}
-    for i in range(40):             # an interactive request in every step, one after another
-        if not any(s.priority == INTERACTIVE_PRIORITY for s in sched.running):
-            sched.add(seq(100 + i, 4, INTERACTIVE_PRIORITY))
-        batch = step(sched)
-        assert background_tokens(batch) == 1
-        for s in [s for s in sched.running if s.priority == INTERACTIVE_PRIORITY and len(s.output_token_ids) >= 2]:
+    moved = []
+    for i in range(40):             # a new interactive prompt in every step
+        sched.add(seq(100 + i, 4, INTERACTIVE_PRIORITY))
+        moved.append(background_tokens(step(sched)))
+        for s in [s for s in sched.running if s.priority == INTERACTIVE_PRIORITY and s.output_token_ids]:
             sched.finish(s, "length")
-    assert all(line.num_computed_tokens > done[line.seq_id] for line in lines[:1])
-    assert sum(line.num_computed_tokens - done[line.seq_id] for line in lines) == 40
+    assert moved == [0, 1] * 20     # held out of a prefill step only when the step before was not
+    assert sum(line.num_computed_tokens - done[line.seq_id] for line in lines) == 20
 
 
 def test_the_cap_holds_for_the_hold_steps_after_the_interactive_request_then_lifts():
@@ -94,4 +112,7 @@ def test_interactive_requests_are_never_capped():
         sched.add(seq(50 + i, 10, INTERACTIVE_PRIORITY))
     batch = step(sched)
     assert [n for s, n in batch.items if s.priority == INTERACTIVE_PRIORITY] == [10, 10, 10]
+    assert background_tokens(batch) == 0                        # a prefill step: held out
+    batch = step(sched)
+    assert [n for s, n in batch.items if s.priority == INTERACTIVE_PRIORITY] == [1, 1, 1]
     assert background_tokens(batch) == 1
