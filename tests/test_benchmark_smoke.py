@@ -16,6 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("benchmarks.lora_cpu", ["### decode shapes", "### rank-aware cost", "### int8 slots"]),
     ("benchmarks.cpu_step", ["matmul peak", "| step / floor |"]),
     ("benchmarks.matmul_cpu", ["| bfloat16 | M |", "| float32 | M |"]),
+    ("benchmarks.rms_norm_cpu", ["| bfloat16 | 8 |", "| float32 | 8 |"]),
     ("benchmarks.kernels", ["## LoRA decode", "## rank-aware LoRA", "## paged attention decode", "decode step"]),
 ])
 def test_smoke_run(module, sections):

@@ -66,7 +66,7 @@ class DecoderLayer(nn.Module):
         self.attn = Attention(shape, kernels)
         self.mlp = GatedMLP(h, config.intermediate_size, arch.act, kernels)
         def norm() -> RMSNorm:
-            return RMSNorm(h, eps, arch.unit_offset_norm)
+            return RMSNorm(h, eps, arch.unit_offset_norm, kernels)
 
         self.input_norm, self.pre_mlp_norm = norm(), norm()
         self.post_attn_norm = norm() if arch.sandwich_norms else None
@@ -100,7 +100,7 @@ class DecoderForCausalLM(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, self.spec, i, kernels)
                                     for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, self.spec.unit_offset_norm)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, self.spec.unit_offset_norm, kernels)
         self.tie = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = None if self.tie else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.head = None        # the logits matmul's format, when base_weights.pack_output_head gives it one

@@ -42,21 +42,18 @@ class ForwardBatch:
 
 class RMSNorm(nn.Module):
     """Llama's `w * norm(x)` in the input dtype, or Gemma's `(1 + w) * norm(x)` in fp32
-    (`unit_offset`: its checkpoints store w - 1, zeros at init)."""
+    (`unit_offset`: its checkpoints store w - 1, zeros at init), through the backend's op
+    (kernels/cpu_rms_norm.py holds the op and its torch reference)."""
 
-    def __init__(self, size: int, eps: float, unit_offset: bool = False):
+    def __init__(self, size: int, eps: float, unit_offset: bool, kernels: Kernels):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
         self.unit_offset = unit_offset
+        self.kernels = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        # torch's fused kernel computes HF's x * rsqrt(mean(x^2) + eps) in fp32 bit for bit, in one op instead of five
-        normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
-        if self.unit_offset:
-            return (normed * (1.0 + self.weight.float())).to(dtype)
-        return self.weight * normed.to(dtype)
+        return self.kernels.rms_norm(x, self.weight, self.eps, self.unit_offset)
 
 
 class LoRAProjection(nn.Module):
@@ -110,8 +107,8 @@ class Attention(nn.Module):
         self.q_size, self.kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         self.qkv = LoRAProjection("qkv", s.hidden, self.q_size + 2 * self.kv_size, s.bias, kernels)
         self.o = LoRAProjection("o", self.q_size, s.hidden, False, kernels)
-        self.q_norm = RMSNorm(s.head_dim, s.eps, s.unit_offset_norm) if s.qk_norm else None
-        self.k_norm = RMSNorm(s.head_dim, s.eps, s.unit_offset_norm) if s.qk_norm else None
+        self.q_norm = RMSNorm(s.head_dim, s.eps, s.unit_offset_norm, kernels) if s.qk_norm else None
+        self.k_norm = RMSNorm(s.head_dim, s.eps, s.unit_offset_norm, kernels) if s.qk_norm else None
         self.scale = s.scale if s.scale is not None else s.head_dim ** -0.5
         self.window, self.softcap = s.window, s.softcap
         self.k_cache: torch.Tensor | None = None   # [num_blocks, block_size, H_kv, D]

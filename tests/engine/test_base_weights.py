@@ -47,6 +47,35 @@ def test_packed_equals_linear_bit_for_bit(rows, with_bias):
     assert packed.nbytes == PlainWeight(w, b).nbytes
 
 
+class _TiedHead:
+    """What pack_output_head reads of a model whose lm_head is its embedding."""
+    tie = True
+
+    def __init__(self, weight):
+        self.weight, self.head = weight, None
+
+    def output_weight(self):
+        return self.weight
+
+
+@pytest.mark.skipif(not can_pack(CPU, torch.bfloat16), reason="this CPU's oneDNN has no bf16 matmul: weights stay plain")
+@pytest.mark.parametrize("amx", [True, False])
+def test_a_tied_bf16_head_gets_a_packed_copy_only_with_amx(amx, monkeypatch):
+    monkeypatch.setattr(base_weights, "has_amx", lambda: amx)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(500, 64, generator=gen).to(torch.bfloat16)
+    model = _TiedHead(w)
+    added = base_weights.pack_output_head(model, batch_hint=64)
+    if not amx:
+        assert added == 0 and model.head is None
+        return
+    assert isinstance(model.head, PackedWeight) and added == w.numel() * w.element_size()
+    assert model.weight is w                                   # the embedding stays dense beside it
+    for rows in (1, 64, 130):
+        x = torch.randn(rows, 64, generator=gen).to(torch.bfloat16)
+        assert torch.equal(model.head(x), F.linear(x, w))
+
+
 def _engine(base_dir, adapters, **overrides):
     llm = LLM(model=base_dir, **(dict(dtype="bfloat16", max_loras=4, max_lora_rank=16) | overrides))
     for name, path in adapters.items():

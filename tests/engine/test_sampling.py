@@ -21,6 +21,16 @@ def test_greedy_takes_argmax():
     assert [s.token_id for s in out] == [1, 0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_breaks_ties_as_argmax_does_on_vocabulary_sized_rows(dtype):
+    torch.manual_seed(0)
+    logits = torch.randint(0, 3, (8, 49152)).to(dtype)     # every row full of ties at its maximum
+    logits[3, 40000] = logits[3, 7] = 9                      # two maxima: the first wins
+    out = Sampler()(logits, [req(SamplingParams(temperature=0))] * 8)
+    assert [s.token_id for s in out] == logits.argmax(dim=-1).tolist()
+    assert out[3].token_id == 7
+
+
 def test_same_seed_same_tokens_regardless_of_batch():
     logits = torch.randn(1, 50)
     p = SamplingParams(temperature=1.0)
