@@ -19,7 +19,7 @@ import torch
 
 from . import cpu_attention as _cpu
 from . import cpu_paged_attention as _cpu_op
-from . import cpu_rms_norm, sgmv_cpu
+from . import cpu_rms_norm, cpu_rope, sgmv_cpu
 from .lora_meta import LoRABlocks, LoRAMeta, LoRAMetaBuffers, LoRARows, build_lora_meta, triton_lora_meta
 from .paged_attention import (
     paged_attention_decode_triton,
@@ -59,6 +59,7 @@ class Kernels:
     paged_attention_prefill: Callable
     allocate_kv_cache: Callable    # (num_blocks, block_size, H_kv, D, dtype, device) in this backend's layout
     rms_norm: Callable = cpu_rms_norm.rms_norm_ref   # (x, weight, eps, unit_offset) -> HF's RMSNorm of x
+    rotate: Callable = cpu_rope.rotate_ref           # (x [T, heads, D], cos, sin [T, 1, R]) -> x rotated
     launch: GpuLaunch | None = None  # block sizes of the compiled Triton launches
 
 
@@ -87,17 +88,19 @@ def triton_kernels(device: torch.device, launch: GpuLaunch = DEFAULT_LAUNCH) -> 
 
 
 def torch_kernels(device: torch.device) -> Kernels:
-    """On CPU, the C++ LoRA, paged-attention and RMSNorm ops are built (or loaded) here,
-    once: without a compiler the backend takes add_lora_grouped, the gather attention path
-    and torch's norm ops."""
+    """On CPU, the C++ LoRA, paged-attention, RMSNorm and rotary ops are built (or loaded)
+    here, once: without a compiler the backend takes add_lora_grouped, the gather attention
+    path and torch's norm and rotary ops."""
     cpu = device.type == "cpu"
     use_op = cpu and sgmv_cpu.extension() is not None
     attn = _cpu_op if cpu and _cpu_op.extension() is not None else _cpu
     norm = cpu_rms_norm.rms_norm if cpu and cpu_rms_norm.extension() is not None else cpu_rms_norm.rms_norm_ref
+    rotate = cpu_rope.rotate if cpu and cpu_rope.extension() is not None else cpu_rope.rotate_ref
     return Kernels(
         name="torch", lora_meta=build_lora_meta, add_lora=add_lora_cpu if use_op else add_lora_grouped,
         store_kv=_cpu.store_kv, paged_attention_decode=attn.paged_attention_decode,
         paged_attention_prefill=attn.paged_attention_prefill, allocate_kv_cache=_cpu.allocate_cache, rms_norm=norm,
+        rotate=rotate,
     )
 
 

@@ -19,7 +19,6 @@ from loraserve.kernels import Kernels, LoRABlocks, LoRAMeta
 
 from . import adapter_extras
 from .base_weights import BaseWeight
-from .rope import rotate
 
 
 @dataclass
@@ -119,11 +118,11 @@ class Attention(nn.Module):
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
-            q = rotate(self.q_norm(q.view(-1, self.num_heads, self.head_dim)), cos, sin)   # [T, H, D]
-            k = rotate(self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim)), cos, sin)  # [T, H_kv, D]
+            q = self.kernels.rotate(self.q_norm(q.view(-1, self.num_heads, self.head_dim)), cos, sin)   # [T, H, D]
+            k = self.kernels.rotate(self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim)), cos, sin)  # [T, H_kv, D]
         else:   # q and k side by side in qkv's rows: one rotation for both
             qk = qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
-            q, k = rotate(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+            q, k = self.kernels.rotate(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
         out = self._paged(q, k.contiguous(), v.contiguous(), batch)
         return self.o(out.flatten(1), batch)
 

@@ -5,7 +5,8 @@ inv_freq and the attention factor come from transformers' own `ROPE_INIT_FUNCTIO
 tables are precomputed once for all positions; cos and sin are fp32 math cast to the
 activation dtype, as HF does. `dynamic` and `longrope` pick their frequencies for the
 configured context (HF switches per forward once a sequence outgrows
-original_max_position_embeddings; within it the two agree).
+original_max_position_embeddings; within it the two agree). The rotation that reads
+them is the kernels' (kernels/cpu_rope.py: the CPU op beside its torch reference).
 """
 
 from __future__ import annotations
@@ -45,13 +46,3 @@ def rotary_tables(config, head_dim: int, max_position: int, dtype: torch.dtype, 
     cos, sin = (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
     return cos[:, None].to(device), sin[:, None].to(device)
 
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D]; cos, sin [T, 1, R], R <= D (HF's rotate_half convention on the
-    first R dims; the rest pass through, as with Phi's partial rotary)."""
-    rot = cos.shape[-1]
-    if rot < x.shape[-1]:
-        return torch.cat((rotate(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)
-    half = rot // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
