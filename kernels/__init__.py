@@ -98,7 +98,7 @@ def torch_kernels(device: torch.device) -> Kernels:
     rotate = cpu_rope.rotate if cpu and cpu_rope.extension() is not None else cpu_rope.rotate_ref
     return Kernels(
         name="torch", lora_meta=build_lora_meta, add_lora=add_lora_cpu if use_op else add_lora_grouped,
-        store_kv=_cpu.store_kv, paged_attention_decode=attn.paged_attention_decode,
+        store_kv=attn.store_kv, paged_attention_decode=attn.paged_attention_decode,
         paged_attention_prefill=attn.paged_attention_prefill, allocate_kv_cache=_cpu.allocate_cache, rms_norm=norm,
         rotate=rotate,
     )

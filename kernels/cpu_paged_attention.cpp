@@ -339,9 +339,46 @@ at::Tensor prefill(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
   return run(q, k_cache, v_cache, block_tables, tiles, context_lens, scale, window, softcap);
 }
 
+// The new tokens' K and V rows into their cache slots (slot = block * block_size + offset),
+// one copy per (token, kv head): the write torch does as two index_copy_ calls.
+void store_kv(const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache, at::Tensor& v_cache,
+              const at::Tensor& slot_mapping) {
+  RECORD_FUNCTION("loraserve::store_kv_cpu", std::vector<c10::IValue>{});
+  TORCH_CHECK(k.dim() == 3 && k.sizes() == v.sizes() && k.stride(2) == 1 && v.stride(2) == 1,
+              "k and v [tokens, H_kv, D] with head_dim contiguous");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.stride(3) == 1 &&
+                  v_cache.stride(3) == 1 && k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2),
+              "caches [num_blocks, block_size, H_kv, D] matching k and v");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k.scalar_type() &&
+                  v_cache.scalar_type() == k.scalar_type(), "k, v and caches differ in dtype");
+  const int64_t T = k.size(0), H = k.size(1), D = k.size(2), bs = k_cache.size(1);
+  at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
+  TORCH_CHECK(slots.numel() == T, "one slot per token");
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t num_slots = k_cache.size(0) * bs;
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(0 <= sp[t] && sp[t] < num_slots, "slot ", sp[t], " outside the cache");
+  const int64_t item = k.element_size();
+  const char* kp = static_cast<const char*>(k.data_ptr());
+  const char* vp = static_cast<const char*>(v.data_ptr());
+  char* kc = static_cast<char*>(k_cache.data_ptr());
+  char* vc = static_cast<char*>(v_cache.data_ptr());
+  at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t block = sp[t] / bs, off = sp[t] % bs;
+      for (int64_t h = 0; h < H; ++h) {
+        std::memcpy(kc + (block * k_cache.stride(0) + off * k_cache.stride(1) + h * k_cache.stride(2)) * item,
+                    kp + (t * k.stride(0) + h * k.stride(1)) * item, D * item);
+        std::memcpy(vc + (block * v_cache.stride(0) + off * v_cache.stride(1) + h * v_cache.stride(2)) * item,
+                    vp + (t * v.stride(0) + h * v.stride(1)) * item, D * item);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode", &decode, "paged attention, one query per sequence (CPU)");
   m.def("prefill", &prefill, "paged attention, new tokens over a cached prefix (CPU)");
+  m.def("store_kv", &store_kv, "new K/V rows into their cache slots (CPU)");
 }

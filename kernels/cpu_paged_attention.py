@@ -64,6 +64,15 @@ def _tables(block_tables: torch.Tensor) -> torch.Tensor:
     return block_tables
 
 
+def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """k, v [T, H_kv, D] into their flat slots (cpu_attention.store_kv's contract), one
+    row copy per token and head instead of two index_copy_ calls."""
+    if k.dtype not in DTYPES:
+        return cpu_attention.store_kv(k, v, k_cache, v_cache, slot_mapping)
+    extension().store_kv(k, v, k_cache, v_cache, slot_mapping)
+
+
 def paged_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
                            max_context_len: int, scale: float, window: int | None = None,

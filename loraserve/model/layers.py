@@ -123,7 +123,7 @@ class Attention(nn.Module):
         else:   # q and k side by side in qkv's rows: one rotation for both
             qk = qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
             q, k = self.kernels.rotate(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
-        out = self._paged(q, k.contiguous(), v.contiguous(), batch)
+        out = self._paged(q, k, v, batch)      # k, v: strided views; every store_kv takes them
         return self.o(out.flatten(1), batch)
 
     def _paged(self, q, k, v, batch: ForwardBatch) -> torch.Tensor:
@@ -131,15 +131,21 @@ class Attention(nn.Module):
         kernels.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
         p = batch.num_prefill_tokens
         extra = dict(window=self.window, softcap=self.softcap)
-        out = torch.empty_like(q)
-        if p:
-            out[:p] = kernels.paged_attention_prefill(
+
+        def prefill():
+            return kernels.paged_attention_prefill(
                 q[:p], self.k_cache, self.v_cache, batch.prefill_block_tables,
                 batch.prefill_query_lens, batch.prefill_context_lens, self.scale, **extra)
-        if p < q.shape[0]:
-            out[p:] = kernels.paged_attention_decode(
+
+        def decode():
+            return kernels.paged_attention_decode(
                 q[p:], self.k_cache, self.v_cache, batch.decode_block_tables,
                 batch.decode_context_lens, batch.decode_max_context_len, self.scale, **extra)
+
+        if p == 0 or p == q.shape[0]:       # one kind of token: its output as it comes, no copy
+            return decode() if p == 0 else prefill()
+        out = torch.empty_like(q)
+        out[:p], out[p:] = prefill(), decode()
         return out
 
 

@@ -9,7 +9,7 @@ from attention_grid import (
     CASES, DECODE_CONTEXTS, PREFILL, TOL, VARIANT_CASES, attention_kwargs, case_id, make_cache, qkv_views, variant_id,
 )
 
-from loraserve.kernels import cpu_attention
+from loraserve.kernels import cpu_attention, cpu_paged_attention
 from loraserve.kernels.paged_attention import paged_attention_decode, paged_attention_prefill, store_kv
 
 
@@ -34,6 +34,27 @@ def test_store_kv(case):
     store_kv(k.contiguous(), v.contiguous(), k_ref, v_ref, slots)
     cpu_attention.store_kv(k, v, k_cache, v_cache, slots)
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c["dtype"] in cpu_paged_attention.DTYPES], ids=case_id)
+def test_the_ops_store_kv_equals_the_torch_path(case):
+    """The C++ op's write (kernels/cpu_paged_attention.py; fp32 and bf16, others take
+    index_copy_) from strided views of a fused qkv row, into the head-major cache, equals
+    index_copy_'s; a slot outside the cache is refused, not written."""
+    if cpu_paged_attention.extension() is None:
+        pytest.skip("no C++ compiler: index_copy_ serves")
+    k_ref, v_ref, _ = make_cache(case, [40], "cpu")
+    k_ref, v_ref = head_major_copy(k_ref), head_major_copy(v_ref)
+    k_cache, v_cache = k_ref.clone(), v_ref.clone()
+    _, k, v = qkv_views(7, case, "cpu")
+    assert not k.is_contiguous()
+    slots = torch.tensor([3, 0, 17, 39, 4, 38, 20])
+    cpu_attention.store_kv(k, v, k_ref, v_ref, slots)
+    cpu_paged_attention.store_kv(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cpu_paged_attention.store_kv(k, v, k_cache, v_cache, torch.tensor([3, 0, 17, 39, 4, 38, 10_000]))
+    assert torch.equal(k_cache, k_ref)
 
 
 @pytest.mark.parametrize("case", CASES + VARIANT_CASES, ids=variant_id)
