@@ -1,10 +1,11 @@
-"""How the CPU C++ ops (sgmv_cpu.cpp, cpu_paged_attention.cpp) are built: on first use,
-with torch.utils.cpp_extension, into a cache directory of the user's, once per machine.
+"""How the CPU C++ ops (sgmv_cpu.cpp, cpu_paged_attention.cpp, cpu_rms_norm.cpp,
+cpu_rope.cpp) are built: on first use, with torch.utils.cpp_extension, into a cache
+directory of the user's, once per machine.
 
-The directory is keyed by the source, the flags, torch, Python and the CPU's flags, so a
--march=native build never meets another CPU through a shared home directory, and an
-edited source rebuilds. ninja comes from the pip package when it is not on PATH (a
-virtualenv that is not activated).
+The directory is keyed by the source and the headers beside it (cpu_bf16.h), the flags,
+torch, Python and the CPU's flags, so a -march=native build never meets another CPU
+through a shared home directory, and an edited source or header rebuilds. ninja comes
+from the pip package when it is not on PATH (a virtualenv that is not activated).
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ def build_dir(name: str, source: Path, cflags: list[str]) -> str:
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu = next((line for line in f if line.startswith("flags")), "")
+    headers = [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]   # what the sources may include
     key = hashlib.sha256(b"\0".join([
-        source.read_bytes(), " ".join(cflags).encode(), torch.__version__.encode(),
+        source.read_bytes(), *headers, " ".join(cflags).encode(), torch.__version__.encode(),
         platform.python_version().encode(), platform.machine().encode(), cpu.encode(),
     ])).hexdigest()[:16]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

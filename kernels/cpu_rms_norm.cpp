@@ -13,29 +13,14 @@
 #include <ATen/record_function.h>
 
 #include <cmath>
+
+#include "cpu_bf16.h"
 #include <cstring>
 #include <vector>
 
 namespace {
 
-// bf16 <-> fp32 per element, written so the loops vectorize: widening is a shift, narrowing
-// rounds to nearest even (NaN stays NaN) as c10::BFloat16 does.
-inline float to_float(float x) { return x; }
-inline float to_float(at::BFloat16 x) { return __builtin_bit_cast(float, static_cast<uint32_t>(x.x) << 16); }
-
-inline uint32_t rounded_bits(float x) {  // x's bits rounded to bf16's 16 high bits
-  const uint32_t bits = __builtin_bit_cast(uint32_t, x);
-  const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
-  return nan ? 0x7fc00000u : ((bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u);
-}
-
-inline float round_as(float x, float) { return x; }
-inline float round_as(float x, at::BFloat16) { return __builtin_bit_cast(float, rounded_bits(x)); }
-
-inline void store(float* p, float x) { *p = x; }
-inline void store(at::BFloat16* p, float x) {
-  *reinterpret_cast<uint16_t*>(p) = static_cast<uint16_t>(rounded_bits(x) >> 16);
-}
+using namespace loraserve_cpu;
 
 template <typename T>
 void norm_rows(const at::Tensor& x, const at::Tensor& w, at::Tensor& out, double eps, bool unit_offset) {
