@@ -90,6 +90,19 @@ def test_cpu_backends_match_the_int8_reference(backend, kind, n_proj, rank, dtyp
     assert torch.equal(out[base], before[base])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["sorted_equal", "shuffled_with_base", "single_token"])
+def test_cpu_op_wide_projections(kind, dtype):
+    """The op's expand tiles are 64, 128 or 256 columns wide for 4, 2 or 1 tokens of an
+    adapter: 600 and 333 columns span several tiles of each width with a ragged tail."""
+    outs = (600, 333)
+    q, _ = groups(RANKS["mixed"], outs, dtype)
+    x, y, meta = inputs(kind, RANKS["mixed"], outs, dtype)
+    expected = reference(q, x, y, meta)
+    out = add_lora_cpu(y, x, q.A, q.Bs, q.out_slices, meta, scale=q.scale)
+    torch.testing.assert_close(out.float(), expected, atol=TOL[dtype][0], rtol=TOL[dtype][1])
+
+
 @pytest.mark.parametrize("max_seg_len", [0, 10**6], ids=["all_aten", "all_blocks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_cpu_op_long_segments_either_way(monkeypatch, max_seg_len, dtype):

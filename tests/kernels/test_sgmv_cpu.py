@@ -82,6 +82,14 @@ def test_op_matches_oracle(ext, kind, n_proj, rank, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["sorted_equal", "shuffled_with_base", "single_token"])
+def test_wide_projections(ext, kind, dtype):
+    """Expand tiles are 64, 128 or 256 columns wide for 4, 2 or 1 tokens of an adapter:
+    600 and 333 columns span several tiles of each width, with ragged (and bf16 half-unit) tails."""
+    check(kind, dtype, RANKS["mixed"], (600, 333, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("max_seg_len", [0, 10**6], ids=["all_aten", "all_blocks"])
 @pytest.mark.parametrize("kind", ["one_long_segment", "shuffled_with_base"])
 def test_long_segments_either_way(ext, monkeypatch, kind, max_seg_len, dtype):
